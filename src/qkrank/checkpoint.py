@@ -1,0 +1,109 @@
+"""Atomic checkpoint files, safe loading (``weights_only=True``) and resume-point discovery.
+
+Two kinds live in a cell's run directory: ``snapshots/{tokens}.pt`` (model weights and metadata: what
+probes read) and ``resume/{tokens}.pt`` (model, optimizers, RNG states, metrics so far: what a killed
+job restarts from). Both are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qkrank.atomic import atomic_path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, unsafe or belongs to another config; the message names the path."""
+
+
+def atomic_save(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def safe_load(path: Path, map_location="cpu") -> dict:
+    """Load with ``weights_only=True``: tensors and plain containers only, never arbitrary pickle code."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load (not a plain-tensor checkpoint: {e})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+
+
+def tokens_of(path: Path) -> int:
+    return int(Path(path).stem)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files named ``{tokens}.pt``, oldest first (temporary files are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob("*.pt") if p.stem.isdigit()]
+    return sorted(found, key=tokens_of)
+
+
+def latest_valid(directory: Path, config_hash: str) -> dict | None:
+    """The newest loadable resume state whose config hash matches; corrupt ones are skipped with a warning.
+
+    A readable checkpoint written under a different config is an error, not silently skipped: resuming
+    it would mix two cells.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            state = safe_load(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping corrupt resume checkpoint: {e}", stacklevel=2)
+            continue
+        if state.get("config_hash") != config_hash:
+            raise CheckpointError(
+                f"{path}: written for config {state.get('config_hash')}, this cell's config is {config_hash}; "
+                f"delete {Path(directory)} to start the cell afresh")
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def prune(directory: Path, keep: int) -> None:
+    for path in list_checkpoints(directory)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors and plain lists (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

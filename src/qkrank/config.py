@@ -1,0 +1,234 @@
+"""The study config: schema validation with defaults, semantic checks, cells and their settings."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what would be valid."""
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    scale: str
+    mode: str
+    optimizer: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        """``{scale}/{mode}/{optimizer}/seed{seed}``: also the cell's directory under runs/."""
+        return f"{self.scale}/{self.mode}/{self.optimizer}/seed{self.seed}"
+
+    @classmethod
+    def parse(cls, cell_id: str) -> Cell:
+        parts = cell_id.strip("/").split("/")
+        if len(parts) != 4 or not parts[3].startswith("seed") or not parts[3][4:].isdigit():
+            raise ConfigError(f"cell id {cell_id!r} is not of the form scale/mode/optimizer/seedN")
+        return cls(parts[0], parts[1], parts[2], int(parts[3][4:]))
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _extend_with_default(validator_class):
+    """A validator that also fills in schema defaults (the jsonschema FAQ recipe, as Snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "$ref" in sub:
+                    sub = validator._resolver.lookup(sub["$ref"]).contents | sub
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultingValidator = _extend_with_default(jsonschema.Draft202012Validator)
+
+
+def _field_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<config>"
+
+
+def _validated(instance: dict, schema: dict, prefix: str = "") -> dict:
+    """A deep copy of ``instance`` with defaults filled in; raises ConfigError naming the field."""
+    out = copy.deepcopy(instance)
+    validator = _DefaultingValidator(schema)
+    # Two passes: the first fills defaults of objects that themselves were defaulted.
+    for _ in range(2):
+        errors = sorted(validator.iter_errors(out), key=lambda e: list(e.absolute_path))
+        if errors:
+            field = prefix + _field_path(errors[0])
+            raise ConfigError(f"config field '{field}': {errors[0].message}")
+    return out
+
+
+def validate_schema(raw: dict) -> dict:
+    """A validated copy of the whole config with schema defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
+    return _validated(raw, load_schema())
+
+
+def validate_data_section(data: dict) -> dict:
+    """The ``data`` section alone, validated with defaults (what the data stage receives)."""
+    schema = load_schema()
+    return _validated(data, {"$defs": schema["$defs"], **schema["properties"]["data"]}, "data.")
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A new dict: ``update`` merged over ``base``, recursively for nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def cells(config: dict) -> list[Cell]:
+    grid = config["grid"]
+    return [Cell(s, m, o, seed) for s in grid["scales"] for m in grid["modes"]
+            for o in grid["optimizers"] for seed in grid["seeds"]]
+
+
+def tokens_per_step(train: dict) -> int:
+    return train["micro_batch"] * train["grad_accum"] * train["seq_len"]
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    below = max(step, value // step * step)
+    return f"{below} or {below + step}" if below != value else str(value)
+
+
+def _check_scale(where: str, settings: dict) -> None:
+    """Semantic checks the schema cannot express; ``where`` prefixes field names in messages."""
+    from qkrank.model import ModelConfig  # torch import deferred: config checks stay light
+
+    train = settings["train"]
+    step = tokens_per_step(train)
+    train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
+    for name in ("total_tokens", "checkpoint_every_tokens", "val_every_tokens"):
+        if train[name] % step:
+            raise ConfigError(
+                f"config field '{where}.train.{name}': {train[name]} is not a multiple of tokens per "
+                f"optimizer step ({train['micro_batch']} × {train['grad_accum']} × {train['seq_len']} = {step}); "
+                f"nearest valid values: {_nearest_multiples(train[name], step)}")
+    warmup = settings["optim"]["schedule"]["warmup_tokens"]
+    if warmup > train["total_tokens"]:
+        raise ConfigError(f"config field '{where}.optim.schedule.warmup_tokens': {warmup} exceeds "
+                          f"train.total_tokens {train['total_tokens']}")
+    if train["micro_batch"] % train["nproc"]:
+        raise ConfigError(f"config field '{where}.train.micro_batch': {train['micro_batch']} is not divisible "
+                          f"by train.nproc {train['nproc']} (micro_batch is global across processes)")
+    model_fields = {k: v for k, v in settings["model"].items() if k != "preset"}
+    try:
+        model = ModelConfig.from_preset(settings["model"]["preset"], **model_fields)
+    except ValueError as e:
+        raise ConfigError(f"config field '{where}.model': {e}") from None
+    probe_len = settings["probe"]["seq_len"] or train["seq_len"]
+    for name, length in (("train.seq_len", train["seq_len"]), ("probe.seq_len", probe_len)):
+        if length > model.max_seq_len:
+            raise ConfigError(f"config field '{where}.{name}': {length} exceeds the model's max_seq_len "
+                              f"{model.max_seq_len}; use at most {model.max_seq_len} or set model.max_seq_len")
+
+
+def load_json(path: str | Path) -> dict:
+    """A JSON file written by the workflow (study config or cell settings)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(source: str | Path | dict | None = None) -> dict:
+    """Read (path or mapping), validate, fill defaults and check a study config."""
+    if source is None:
+        source = DEFAULT_CONFIG_PATH
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                # PyYAML reads JSON's 1e-08 as a string, so the workflow's config.json is read as JSON.
+                raw = json.load(f) if path.suffix == ".json" else (yaml.safe_load(f) or {})
+            except (yaml.YAMLError, json.JSONDecodeError) as e:
+                raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
+    else:
+        raw = source
+    config = validate_schema(raw)
+    for scale in config["grid"]["scales"]:
+        if scale not in config["scales"]:
+            raise ConfigError(f"config field 'grid.scales': unknown scale {scale!r}; "
+                              f"defined under 'scales': {sorted(config['scales'])}")
+    valid_ids = {c.id for c in cells(config)}
+    for cell_id in config["cell_overrides"]:
+        if cell_id not in valid_ids:
+            raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
+                              f"cells: {sorted(valid_ids)}")
+    for cell in cells(config):
+        cell_settings(config, cell)
+    return config
+
+
+def add_config_args(parser) -> None:
+    """``--config PATH``: a study YAML, or the effective config.json the workflow writes."""
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="study config (YAML or JSON)")
+
+
+def load_from_args(args) -> dict:
+    return load(args.config)
+
+
+def cell_settings(config: dict, cell: Cell) -> dict:
+    """Everything that determines one cell's training and probes, fully resolved and checked."""
+    settings = deep_merge(config["scales"][cell.scale], config["cell_overrides"].get(cell.id, {}))
+    schema = load_schema()
+    where = f"cell_overrides.{cell.id}" if cell.id in config["cell_overrides"] else f"scales.{cell.scale}"
+    settings = _validated(settings, {"$defs": schema["$defs"], **schema["$defs"]["scale"]}, where + ".")
+    _check_scale(where, settings)
+    settings["cell"] = {"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
+                        "seed": cell.seed, "id": cell.id}
+    settings["data"] = config["data"]
+    return settings
+
+
+def checkpoint_tokens(settings: dict) -> list[int]:
+    """Tokens seen at each snapshot: 0, every interval, and the end."""
+    train = settings["train"]
+    every, total = train["checkpoint_every_tokens"], train["total_tokens"]
+    marks = list(range(0, total + 1, every))
+    if marks[-1] != total:
+        marks.append(total)
+    return marks
+
+
+def config_hash(obj) -> str:
+    """Short sha256 of a JSON-serialisable object with sorted keys."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def training_identity(settings: dict) -> dict:
+    """The parts of a cell's settings that change its trained weights (not resources or probes)."""
+    return {k: settings[k] for k in ("cell", "model", "train", "optim", "data")} | {
+        "train": {k: v for k, v in settings["train"].items()
+                  if k not in ("threads", "keep_resume_checkpoints", "log_every_steps", "device")}}

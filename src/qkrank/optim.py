@@ -1,0 +1,72 @@
+"""Which tensor goes to which optimizer, the optimizers themselves, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("muon", "adamw")
+
+
+def split_parameters(model: nn.Module, optimizer: str) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Named trainable parameters by optimizer group.
+
+    ``muon``: 2-D weight matrices inside transformer blocks (attention and MLP) go to Muon; embeddings,
+    the output head, every norm's γ and any 1-D parameter go to AdamW. ``adamw``: everything to AdamW.
+    Tied weights appear once; buffers (frozen γ) never appear.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZERS)}")
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": []}
+    for name, param in model.named_parameters():  # deduplicates tied weights
+        if not param.requires_grad:
+            continue
+        is_hidden_matrix = param.ndim == 2 and name.startswith("blocks.")
+        groups["muon" if optimizer == "muon" and is_hidden_matrix else "adamw"].append((name, param))
+    return {k: v for k, v in groups.items() if v}
+
+
+def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[str, torch.optim.Optimizer]:
+    """One torch optimizer per non-empty group, keyed "muon"/"adamw"."""
+    out: dict[str, torch.optim.Optimizer] = {}
+    for group, named in split_parameters(model, optimizer).items():
+        params = [p for _, p in named]
+        if group == "muon":
+            m = optim_cfg["muon"]
+            out["muon"] = torch.optim.Muon(
+                params, lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"], ns_steps=m["ns_steps"],
+                adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
+        else:
+            a = optim_cfg["adamw"]
+            out["adamw"] = torch.optim.AdamW(params, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"],
+                                             weight_decay=a["weight_decay"])
+    for opt in out.values():
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return out
+
+
+def lr_factor(tokens_seen: int, total_tokens: int, schedule: dict) -> float:
+    """Multiplier of the base learning rate: linear warmup, then constant, linear or cosine decay to min_lr_ratio."""
+    warmup = schedule["warmup_tokens"]
+    if warmup and tokens_seen < warmup:
+        return (tokens_seen + 1) / warmup
+    if schedule["decay"] == "constant" or total_tokens <= warmup:
+        return 1.0
+    progress = min(1.0, (tokens_seen - warmup) / (total_tokens - warmup))
+    floor = schedule["min_lr_ratio"]
+    if schedule["decay"] == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], factor: float) -> dict[str, float]:
+    """Apply the schedule factor; returns the learning rate now in force per group."""
+    lrs = {}
+    for name, opt in optimizers.items():
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        lrs[name] = opt.param_groups[0]["lr"]
+    return lrs

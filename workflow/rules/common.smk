@@ -1,0 +1,77 @@
+# Shared names: the validated study, its cells, paths, and the shell prefix every rule uses.
+import json
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from qkrank import config as qconfig  # noqa: E402
+
+try:
+    STUDY = qconfig.load(config)
+    CELLS = qconfig.cells(STUDY)
+    SETTINGS = {cell.id: qconfig.cell_settings(STUDY, cell) for cell in CELLS}
+except qconfig.ConfigError as error:
+    raise WorkflowError(f"invalid config: {error}") from None
+
+RESULTS = STUDY["results_dir"]
+DATA = f"{RESULTS}/data"
+RUN = f"{RESULTS}/runs/{{scale}}/{{mode}}/{{optimizer}}/seed{{seed}}"
+CELL_LOG = "{scale}/{mode}/{optimizer}/seed{seed}"
+SRC = str(Path(workflow.basedir) / "src")
+# Rules run the workflow's own source tree, whatever qkrank is installed elsewhere.
+PY = f"PYTHONPATH={SRC} python"
+
+wildcard_constraints:
+    scale=r"[A-Za-z0-9_.\-]+",
+    mode="learned|frozen|none",
+    optimizer="muon|adamw",
+    seed=r"\d+",
+    tokens=r"\d+",
+
+
+def cell_of(wildcards):
+    return qconfig.Cell(wildcards.scale, wildcards.mode, wildcards.optimizer, int(wildcards.seed))
+
+
+def settings_of(wildcards):
+    return SETTINGS[cell_of(wildcards).id]
+
+
+def settings_json(wildcards):
+    return json.dumps(settings_of(wildcards), indent=2, sort_keys=True) + "\n"
+
+
+# The settings files are the only place a cell's config reaches its jobs: each is rewritten only when
+# its content (a param) changes, so changing one cell's config reruns only that cell's jobs.
+localrules:
+    cell_settings,
+    study_config,
+
+
+rule cell_settings:
+    output:
+        f"{RUN}/settings.json",
+    params:
+        settings=settings_json,
+    run:
+        qconfig.write_text_atomic(output[0], params.settings)
+
+
+rule study_config:
+    output:
+        f"{RESULTS}/config.json",
+    params:
+        config=json.dumps(STUDY, indent=2, sort_keys=True) + "\n",
+    run:
+        qconfig.write_text_atomic(output[0], params.config)
+
+
+def run_dir(cell):
+    return f"{RESULTS}/runs/{cell.id}"
+
+
+def probe_files():
+    return [f"{run_dir(cell)}/probe/{tokens}.h5" for cell in CELLS
+            for tokens in qconfig.checkpoint_tokens(SETTINGS[cell.id])]
