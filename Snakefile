@@ -14,10 +14,13 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+# common.smk validates first, with qkrank's messages (field path in dotted form, valid values);
+# snakemake's own validation against the same schema then fills its defaults into `config`.
+include: "workflow/rules/common.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
-
-include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/probe.smk"

@@ -1,8 +1,9 @@
 """Atomic checkpoint files, safe loading (``weights_only=True``) and resume-point discovery.
 
 Two kinds live in a cell's run directory: ``snapshots/{tokens}.pt`` (model weights and metadata: what
-probes read) and ``resume/{tokens}.pt`` (model, optimizers, RNG states, metrics so far: what a killed
-job restarts from). Both are written to a temporary name and renamed into place.
+probes read) and ``resume/{tokens}.pt`` (model, optimizers, schedule, RNG states, data position, tokens
+seen, config hash, metrics so far: what a killed job restarts from). Both are written to a temporary
+name, fsynced and renamed into place, so a file under its real name is always complete.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint is unreadable, unsafe or belongs to another config; the message names the path."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A readable file that holds more than tensors and plain containers (e.g. a code payload)."""
+
+
 def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync it, rename it into place, fsync the directory."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+    # The rename itself must survive a node crash, or the directory could still show the old file set.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def safe_load(path: Path, map_location="cpu") -> dict:
@@ -39,8 +52,11 @@ def safe_load(path: Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load (not a plain-tensor checkpoint: {e})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it is not a plain-tensor checkpoint ({first_line}); qkrank never "
+            f"writes such files, so delete it or find out who did") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
 
 
@@ -58,27 +74,32 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def latest_valid(directory: Path, config_hash: str) -> dict | None:
-    """The newest loadable resume state whose config hash matches; corrupt ones are skipped with a warning.
+    """The newest loadable resume state whose config hash matches; truncated ones are skipped with a warning.
 
     A readable checkpoint written under a different config is an error, not silently skipped: resuming
-    it would mix two cells.
+    it would mix two cells. So is a file that refuses to load safely: qkrank did not write it.
     """
     for path in reversed(list_checkpoints(directory)):
         try:
             state = safe_load(path)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as e:
-            warnings.warn(f"skipping corrupt resume checkpoint: {e}", stacklevel=2)
+            warnings.warn(f"skipping corrupt resume checkpoint, falling back to the one before: {e}",
+                          stacklevel=2)
             continue
-        if state.get("config_hash") != config_hash:
+        found = state.get("config_hash") if isinstance(state, dict) else None
+        if found != config_hash:
             raise CheckpointError(
-                f"{path}: written for config {state.get('config_hash')}, this cell's config is {config_hash}; "
-                f"delete {Path(directory)} to start the cell afresh")
+                f"{path}: written for config {found}, but this cell's config is {config_hash}; a changed "
+                f"config is a different cell: delete {Path(directory)} to start it afresh")
         state["path"] = str(path)
         return state
     return None
 
 
 def prune(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
     for path in list_checkpoints(directory)[:-keep]:
         path.unlink(missing_ok=True)
 
@@ -107,3 +128,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_state(model: torch.nn.Module, optimizers: dict, meta: dict, metrics: list[dict]) -> dict:
+    """Everything a killed job needs to continue as if never stopped (``meta``: step, tokens, hashes, ...)."""
+    return {"model": model.state_dict(), "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "rng": rng_state(), "metrics": metrics, **meta}
+
+
+def restore(state: dict, model: torch.nn.Module, optimizers: dict) -> None:
+    """Load a resume state into a freshly built model and its optimizers, and restore the RNGs."""
+    path = state.get("path", "<resume state>")
+    if set(state["optimizers"]) != set(optimizers):
+        raise CheckpointError(f"{path}: holds optimizers {sorted(state['optimizers'])}, this cell builds "
+                              f"{sorted(optimizers)}")
+    model.load_state_dict(state["model"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    set_rng_state(state["rng"])

@@ -115,9 +115,10 @@ def tokens_per_step(train: dict) -> int:
     return train["micro_batch"] * train["grad_accum"] * train["seq_len"]
 
 
-def _nearest_multiples(value: int, step: int) -> str:
-    below = max(step, value // step * step)
-    return f"{below} or {below + step}" if below != value else str(value)
+def _nearest_multiples(value: int, step: int, minimum: int) -> str:
+    """The valid values nearest to ``value`` (multiples of ``step``, at least ``minimum``), as text."""
+    below = value // step * step
+    return " or ".join(str(v) for v in (below, below + step) if v >= minimum)
 
 
 def _check_scale(where: str, settings: dict) -> None:
@@ -127,13 +128,17 @@ def _check_scale(where: str, settings: dict) -> None:
     train = settings["train"]
     step = tokens_per_step(train)
     train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
-    for name in ("total_tokens", "checkpoint_every_tokens", "val_every_tokens"):
-        if train[name] % step:
-            raise ConfigError(
-                f"config field '{where}.train.{name}': {train[name]} is not a multiple of tokens per "
-                f"optimizer step ({train['micro_batch']} × {train['grad_accum']} × {train['seq_len']} = {step}); "
-                f"nearest valid values: {_nearest_multiples(train[name], step)}")
     warmup = settings["optim"]["schedule"]["warmup_tokens"]
+    token_counts = {"train.total_tokens": (train["total_tokens"], 1),
+                    "train.checkpoint_every_tokens": (train["checkpoint_every_tokens"], 1),
+                    "train.val_every_tokens": (train["val_every_tokens"], 1),
+                    "optim.schedule.warmup_tokens": (warmup, 0)}
+    for name, (value, minimum) in token_counts.items():
+        if value % step:
+            raise ConfigError(
+                f"config field '{where}.{name}': {value} is not a multiple of tokens per optimizer step "
+                f"(micro_batch {train['micro_batch']} × grad_accum {train['grad_accum']} × seq_len "
+                f"{train['seq_len']} = {step}); nearest valid values: {_nearest_multiples(value, step, minimum)}")
     if warmup > train["total_tokens"]:
         raise ConfigError(f"config field '{where}.optim.schedule.warmup_tokens': {warmup} exceeds "
                           f"train.total_tokens {train['total_tokens']}")

@@ -39,6 +39,10 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {value!r} must be a positive integer")
         if self.norm_mode not in NORM_MODES:
             raise ValueError(f"norm_mode: {self.norm_mode!r} is not one of {list(NORM_MODES)}")
         if self.d_model % self.n_heads:
@@ -70,8 +74,7 @@ class ModelConfig:
         return asdict(self)
 
 
-# One row per scale. `88m` follows seed 000 (22 layers, head dim 64; width chosen to give ≈89M),
-# `1.5b` follows seed 004's architecture table (1.476B non-embedding + 0.103B tied embedding).
+# One row per scale; head_dim, kv_dim and parameter counts are derived (`qkrank info --table`).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         d_ff=512, max_seq_len=256),
@@ -79,6 +82,15 @@ PRESETS: dict[str, ModelConfig] = {
                        d_ff=2048, max_seq_len=1024),
     "1.5b": ModelConfig(vocab_size=50257, d_model=2048, n_layers=32, n_heads=16, n_kv_heads=8,
                         d_ff=8192, max_seq_len=2048),
+}
+
+# Where each row comes from. Seed 000 fixes only 22 layers, head dim 64 and ≈88M; d_model 512 with the
+# 2:1 query:KV grouping and d_ff = 4·d_model of seed 004 is the one power-of-two width that lands near it
+# (full multi-head attention at that width gives ≈95M, outside the 86–90M the study accepts).
+PRESET_SOURCES: dict[str, str] = {
+    "tiny": "embedded default: the seed-004 shape shrunk to run on a CPU in minutes",
+    "88m": "seed 000 (22 layers, head dim 64, ≈88M); width 512 with seed 004's GQA 2:1 and d_ff = 4·d_model",
+    "1.5b": "seed 004 §1 table (d_model 2048, 32 layers, 16 heads of 128, 8 KV heads, d_ff 8192, ≈1.58B)",
 }
 
 
@@ -246,7 +258,7 @@ class GPT(nn.Module):
         return out
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique trainable-or-not parameters (tied weights counted once)."""
+        """Unique parameters, tied weights once; a frozen γ is a buffer, not a parameter, and is not counted."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.embed.weight.numel()
@@ -264,9 +276,12 @@ def build_on_meta(cfg: ModelConfig) -> GPT:
 def model_summary(cfg: ModelConfig) -> dict:
     """Sizes and parameter counts of a config, computed on the meta device."""
     model = build_on_meta(cfg)
+    n_params, n_non_embedding = model.num_params(), model.num_params(non_embedding=True)
     return {
         **cfg.to_dict(),
         "head_dim": cfg.head_dim,
-        "n_params": model.num_params(),
-        "n_params_non_embedding": model.num_params(non_embedding=True),
+        "kv_dim": cfg.kv_dim,
+        "n_params": n_params,
+        "n_params_non_embedding": n_non_embedding,
+        "n_params_embedding": n_params - n_non_embedding,
     }

@@ -23,25 +23,33 @@ def split_parameters(model: nn.Module, optimizer: str) -> dict[str, list[tuple[s
     for name, param in model.named_parameters():  # deduplicates tied weights
         if not param.requires_grad:
             continue
-        is_hidden_matrix = param.ndim == 2 and name.startswith("blocks.")
+        # By path component, so a DDP/compile wrapper's "module."/"_orig_mod." prefix changes nothing.
+        is_hidden_matrix = param.ndim == 2 and "blocks" in name.split(".")
         groups["muon" if optimizer == "muon" and is_hidden_matrix else "adamw"].append((name, param))
+    if optimizer == "muon" and not groups["muon"]:
+        raise ValueError("optimizer 'muon': the model has no 2-D weight matrices under 'blocks' for Muon; "
+                         "use optimizer 'adamw' for such a model")
     return {k: v for k, v in groups.items() if v}
 
 
 def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[str, torch.optim.Optimizer]:
-    """One torch optimizer per non-empty group, keyed "muon"/"adamw"."""
+    """One torch optimizer per non-empty group, keyed "muon"/"adamw"; AdamW decays only tensors of 2+ dims."""
     out: dict[str, torch.optim.Optimizer] = {}
     for group, named in split_parameters(model, optimizer).items():
-        params = [p for _, p in named]
         if group == "muon":
             m = optim_cfg["muon"]
             out["muon"] = torch.optim.Muon(
-                params, lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"], ns_steps=m["ns_steps"],
+                [p for _, p in named], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"], ns_steps=m["ns_steps"],
                 adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
         else:
             a = optim_cfg["adamw"]
-            out["adamw"] = torch.optim.AdamW(params, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"],
-                                             weight_decay=a["weight_decay"])
+            # Decay would pull γ (and any gain) toward 0, not toward its initial 1, biasing the very
+            # quantity under study; so only matrices and embeddings are decayed.
+            decayed = [p for _, p in named if p.ndim >= 2]
+            undecayed = [p for _, p in named if p.ndim < 2]
+            param_groups = [{"params": ps, "weight_decay": wd}
+                            for ps, wd in ((decayed, a["weight_decay"]), (undecayed, 0.0)) if ps]
+            out["adamw"] = torch.optim.AdamW(param_groups, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"])
     for opt in out.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -1,8 +1,9 @@
 """Probe one snapshot: q and k at every site and head on a fixed held-out batch → one HDF5 file.
 
-``python -m qkrank.probe --run-dir results/runs/<cell> --tokens 81920 --data results/data --out X.h5``
-Layout (docs/hdf5.md): ``layers/{i}/{q|k}/{proj|normed|roped}/{sv,pr,pr_cov,erank,stable_rank[,act]}``
-and ``layers/{i}/gamma_{q|k}``; root attributes identify the cell, checkpoint and probe batch.
+``python -m qkrank.probe --settings runs/<cell>/settings.json --data results/data --run-dir runs/<cell>
+--tokens 81920 --out runs/<cell>/probe/81920.h5``. Layout (docs/hdf5.md):
+``layers/{i}/{q|k}/{proj|normed|roped}/{sv,eig_cov,pr,pr_cov,erank,stable_rank[,act]}`` and
+``layers/{i}/gamma_{q|k}``; root attributes identify the cell, checkpoint and probe batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import hashlib
 import json
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -25,19 +28,37 @@ from qkrank.model import GPT, SITES, TENSORS, ModelConfig
 from qkrank.rank import SpectrumAccumulator, all_metrics
 
 SCHEMA_VERSION = 1
+# Below this many probe tokens per head, a spectrum of head_dim values is shaped by sample size as much as
+# by the model (the smallest σ of n×d Gaussian noise is ≈ (1 − √(d/n))·σ_max/(1 + √(d/n)) = 0.6 at n = 16d).
+MIN_TOKENS_PER_HEAD_DIM = 16
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class ProbeError(RuntimeError):
-    pass
+    """A snapshot, probe batch or probe file that cannot be used; the message names the path."""
 
 
-def probe_windows(shards: TokenShards, probe_cfg: dict, seq_len: int) -> np.ndarray:
-    """The probe batch: identical tokens for every checkpoint, mode and seed of a study."""
-    return shards.fixed_windows("val", probe_cfg["n_sequences"], probe_cfg["seq_len"] or seq_len)
+class ProbeWarning(UserWarning):
+    """A probe that runs but whose numbers deserve caution (small batch, float16 overflow in ``act``)."""
+
+
+def probe_batch(shards: TokenShards, probe_cfg: dict, train_seq_len: int) -> np.ndarray:
+    """The probe batch, (n_sequences, seq_len) held-out tokens: identical for every checkpoint, mode and seed."""
+    return shards.fixed_windows("val", probe_cfg["n_sequences"], probe_cfg["seq_len"] or train_seq_len)
 
 
 def batch_hash(windows: np.ndarray) -> str:
+    """Short sha256 of the probe batch's token ids (int64, row-major)."""
     return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def small_batch_message(n_tokens: int, head_dim: int) -> str | None:
+    """Why a probe batch of ``n_tokens`` per head is too small for head_dim, or None if it is large enough."""
+    needed = MIN_TOKENS_PER_HEAD_DIM * head_dim
+    if n_tokens >= needed:
+        return None
+    return (f"probe batch has {n_tokens} tokens per head, fewer than {MIN_TOKENS_PER_HEAD_DIM} × head_dim = "
+            f"{needed}: the spectra will partly reflect sample size; raise probe.n_sequences or probe.seq_len")
 
 
 def load_snapshot(run_dir: Path, tokens: int) -> dict:
@@ -60,87 +81,134 @@ def load_snapshot(run_dir: Path, tokens: int) -> dict:
     return checkpoint.safe_load(path)
 
 
+ChunkSink = Callable[[str, int, torch.Tensor], None]
+
+
 @torch.no_grad()
-def measure(model: GPT, windows: np.ndarray, chunk: int, device: torch.device, keep_activations: bool):
-    """Per site name: (SpectrumAccumulator, activations (heads, n, d) float16 or None)."""
+def measure(model: GPT, windows: np.ndarray, chunk_sequences: int, device: torch.device,
+            on_chunk: ChunkSink | None = None) -> dict[str, SpectrumAccumulator]:
+    """Per site name, the spectrum of its vectors over the batch; ``on_chunk(site, first_token, vectors)``
+    sees every chunk's (heads, tokens, d) vectors, tokens numbered sequence-major (row · seq_len + position)."""
     model.eval()
-    accs: dict[str, SpectrumAccumulator] = {}
-    acts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(windows), chunk):
-        x = torch.from_numpy(windows[i : i + chunk]).to(device)
+    spectra: dict[str, SpectrumAccumulator] = {}
+    seq_len = windows.shape[1]
+    for first_row in range(0, len(windows), chunk_sequences):
+        x = torch.from_numpy(np.ascontiguousarray(windows[first_row : first_row + chunk_sequences])).to(device)
         with model.capture() as captured:
             model(x)
         for name, value in captured.items():
             # (B, heads, T, d) → (heads, B·T, d): every token of the chunk is one vector per head.
             per_head = value.transpose(0, 1).reshape(value.shape[1], -1, value.shape[-1])
-            accs.setdefault(name, SpectrumAccumulator()).add(per_head)
-            if keep_activations:
-                acts.setdefault(name, []).append(per_head.to("cpu", torch.float16).numpy())
-    return {name: (acc, np.concatenate(acts[name], axis=1) if keep_activations else None) for name, acc in accs.items()}
+            spectra.setdefault(name, SpectrumAccumulator()).add(per_head)
+            if on_chunk is not None:
+                on_chunk(name, first_row * seq_len, per_head)
+    return spectra
 
 
-def write_h5(path: Path, attrs: dict, results: dict, gammas: dict[str, torch.Tensor], n_layers: int) -> None:
-    """Write the probe file to a temporary name, then rename: a killed job leaves no partial file."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        for layer in range(n_layers):
-            for tensor in TENSORS:
+class ActivationWriter:
+    """Streams each site's raw vectors into ``layers/{i}/{t}/{s}/act`` (float16, gzip), chunk by chunk."""
+
+    def __init__(self, f: h5py.File, cfg: ModelConfig, n_tokens: int, chunk_tokens: int):
+        self.datasets: dict[str, h5py.Dataset] = {}
+        self.overflowed: set[str] = set()
+        for layer in range(cfg.n_layers):
+            for tensor, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
                 for site in SITES:
-                    acc, act = results[f"layer.{layer}/{tensor}/{site}"]
-                    group = f.create_group(f"layers/{layer}/{tensor}/{site}")
-                    sv, eig = acc.singular_values(), acc.covariance_eigenvalues()
-                    group.create_dataset("sv", data=sv)
-                    group.create_dataset("eig_cov", data=eig)
-                    for metric, values in all_metrics(sv, eig).items():
-                        group.create_dataset(metric, data=values)
-                    if act is not None:
-                        group.create_dataset(
-                            "act", data=act, compression="gzip", compression_opts=4, chunks=(1,) + act.shape[1:]
-                        )
-            for tensor in TENSORS:
-                gamma = gammas.get(f"layer.{layer}/gamma_{tensor}")
-                if gamma is not None:
-                    f.create_dataset(f"layers/{layer}/gamma_{tensor}", data=gamma.cpu().double().numpy())
-        f.attrs["complete"] = True  # written last: a file without it is never trusted
+                    # gzip level 1: float16 activations shrink ~20% at any level, higher levels only cost time.
+                    self.datasets[f"layer.{layer}/{tensor}/{site}"] = f.create_dataset(
+                        f"layers/{layer}/{tensor}/{site}/act", shape=(heads, n_tokens, cfg.head_dim),
+                        dtype=np.float16, chunks=(1, min(n_tokens, chunk_tokens), cfg.head_dim),
+                        compression="gzip", compression_opts=1, shuffle=True)
+
+    def __call__(self, site: str, first_token: int, vectors: torch.Tensor) -> None:
+        if site not in self.overflowed and vectors.abs().max().item() > FLOAT16_MAX:
+            self.overflowed.add(site)
+            warnings.warn(f"{site}: vectors exceed the float16 range ({FLOAT16_MAX:g}); 'act' holds inf there "
+                          f"(sv and the metrics are computed in float64 and are unaffected)", ProbeWarning,
+                          stacklevel=2)
+        self.datasets[site][:, first_token : first_token + vectors.shape[1]] = vectors.to("cpu", torch.float16)
+
+
+def write_spectra(f: h5py.File, spectra: dict[str, SpectrumAccumulator], gammas: dict[str, torch.Tensor],
+                  n_layers: int) -> None:
+    """sv, eig_cov and every metric per site, and the γ vectors (present only in learned and frozen modes)."""
+    for layer in range(n_layers):
+        for tensor in TENSORS:
+            for site in SITES:
+                group = f.require_group(f"layers/{layer}/{tensor}/{site}")
+                spectrum = spectra[f"layer.{layer}/{tensor}/{site}"]
+                sv, eig = spectrum.singular_values(), spectrum.covariance_eigenvalues()
+                group.create_dataset("sv", data=sv)
+                group.create_dataset("eig_cov", data=eig)
+                for metric, values in all_metrics(sv, eig).items():
+                    group.create_dataset(metric, data=values)
+            gamma = gammas.get(f"layer.{layer}/gamma_{tensor}")
+            if gamma is not None:
+                f.create_dataset(f"layers/{layer}/gamma_{tensor}", data=gamma.detach().cpu().double().numpy())
+
+
+def probe_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete probe file of this schema (a message naming it), or None if it is."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path}: probe file is missing"
+    try:
+        with h5py.File(path, "r") as f:
+            complete = bool(f.attrs.get("complete", False))
+            version = f.attrs.get("schema_version")
+    except OSError as e:
+        return f"{path}: unreadable HDF5, truncated or corrupt ({e}); delete it and rerun the workflow to re-probe"
+    if not complete:
+        return f"{path}: incomplete probe file (no 'complete' attribute); delete it and rerun the workflow"
+    if version != SCHEMA_VERSION:
+        return (f"{path}: probe schema version {version}, this qkrank writes {SCHEMA_VERSION}; "
+                f"delete it and rerun the workflow to re-probe")
+    return None
+
+
+def is_complete_probe_file(path: str | Path) -> bool:
+    """True if ``path`` opens as HDF5, carries ``complete`` and this schema version (reads attributes only)."""
+    return probe_file_problem(path) is None
 
 
 def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, out: Path) -> None:
+    """Probe the snapshot at ``tokens`` of the cell in ``run_dir`` and write ``out`` atomically."""
     snap = load_snapshot(Path(run_dir), tokens)
     model_cfg = ModelConfig(**snap["model_config"])
-    if model_cfg.norm_mode != settings["cell"]["mode"]:
-        raise ProbeError(f"{run_dir}: snapshot mode {model_cfg.norm_mode!r} != cell mode {settings['cell']['mode']!r}")
+    cell = settings["cell"]
+    if model_cfg.norm_mode != cell["mode"]:
+        raise ProbeError(f"{run_dir}: snapshot mode {model_cfg.norm_mode!r} != cell mode {cell['mode']!r}")
     probe_cfg = settings["probe"]
     device = runtime.resolve_device(probe_cfg["device"])
     torch.set_num_threads(settings["resources"]["probe"]["cpus"])
     model = GPT(model_cfg)
     model.load_state_dict(snap["model"])
     model.to(device)
-    shards = TokenShards(data_dir)
-    windows = probe_windows(shards, probe_cfg, settings["train"]["seq_len"])
-    results = measure(model, windows, probe_cfg["chunk_sequences"], device, probe_cfg["save_activations"])
-    cell = settings["cell"]
+    windows = probe_batch(TokenShards(data_dir), probe_cfg, settings["train"]["seq_len"])
+    n_tokens = int(windows.size)
+    message = small_batch_message(n_tokens, model_cfg.head_dim)
+    if message:
+        warnings.warn(message, ProbeWarning, stacklevel=2)
     attrs = {
-        "scale": cell["scale"],
-        "mode": cell["mode"],
-        "optimizer": cell["optimizer"],
-        "seed": cell["seed"],
-        "cell": cell["id"],
-        "tokens_seen": int(snap["tokens_seen"]),
-        "step": int(snap["step"]),
-        "config_hash": snap["config_hash"],
-        "probe_batch_hash": batch_hash(windows),
-        "n_probe_tokens": int(windows.size),
-        "qkrank_version": __version__,
-        "schema_version": SCHEMA_VERSION,
-        "n_layers": model_cfg.n_layers,
-        "n_heads": model_cfg.n_heads,
-        "n_kv_heads": model_cfg.n_kv_heads,
-        "head_dim": model_cfg.head_dim,
+        "scale": cell["scale"], "mode": cell["mode"], "optimizer": cell["optimizer"], "seed": cell["seed"],
+        "cell": cell["id"], "tokens_seen": int(snap["tokens_seen"]), "step": int(snap["step"]),
+        "config_hash": snap["config_hash"], "probe_batch_hash": batch_hash(windows),
+        "n_probe_sequences": int(windows.shape[0]), "probe_seq_len": int(windows.shape[1]),
+        "n_probe_tokens": n_tokens, "activations_saved": bool(probe_cfg["save_activations"]),
+        "qkrank_version": __version__, "schema_version": SCHEMA_VERSION, "n_layers": model_cfg.n_layers,
+        "n_heads": model_cfg.n_heads, "n_kv_heads": model_cfg.n_kv_heads, "head_dim": model_cfg.head_dim,
+        "device": device.type,
     }
     if snap.get("val_loss") is not None:
         attrs["val_loss"] = float(snap["val_loss"])
-    write_h5(Path(out), attrs, results, model.gammas(), model_cfg.n_layers)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        writer = None
+        if probe_cfg["save_activations"]:
+            writer = ActivationWriter(f, model_cfg, n_tokens, probe_cfg["chunk_sequences"] * windows.shape[1])
+        spectra = measure(model, windows, probe_cfg["chunk_sequences"], device, writer)
+        write_spectra(f, spectra, model.gammas(), model_cfg.n_layers)
+        f.attrs["complete"] = True  # written last: a file without it is never trusted
 
 
 def main(argv=None) -> None:

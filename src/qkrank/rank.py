@@ -1,11 +1,13 @@
 """Dimension metrics of sets of vectors: pure maths on arrays, nothing of models or files.
 
-Conventions: ``sv`` are the singular values σ of an (n × d) matrix of vectors (uncentered, as in
-seed 004 §4.2); ``eig`` are the eigenvalues λ of the covariance of the mean-centered vectors.
-Every function works on the last axis, so a (heads, d) array gives one value per head.
+Conventions: ``sv`` are the singular values σ of an (n × d) matrix X of vectors, uncentered (seed 004
+§4.2); ``eig`` are the eigenvalues λ of the covariance of the mean-centered vectors. Every function works
+on the last axis, so a (heads, d) array gives one value per head. docs/hdf5.md explains pr vs pr_cov.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -49,49 +51,62 @@ def top_energy_share(sv: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def all_metrics(sv: np.ndarray, eig: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of METRICS, each of shape sv.shape[:-1]."""
     return {"pr": pr(sv), "pr_cov": pr_cov(eig), "erank": erank(sv), "stable_rank": stable_rank(sv)}
 
 
-class SpectrumAccumulator:
-    """Singular values and covariance eigenvalues of vectors streamed in chunks, memory O(heads·d²).
+def _svdvals_padded(r: torch.Tensor, dim: int) -> np.ndarray:
+    """σ of a triangular factor, descending, zero-padded to ``dim`` when fewer than ``dim`` rows were seen."""
+    sv = torch.linalg.svdvals(r).cpu().numpy()
+    if sv.shape[-1] < dim:
+        sv = np.concatenate([sv, np.zeros(sv.shape[:-1] + (dim - sv.shape[-1],))], axis=-1)
+    return sv
 
-    Keeps the triangular factor R of a running QR decomposition (XᵀX = RᵀR), so σ(X) = σ(R) without
-    squaring the condition number as a Gram matrix would; a second R of the vectors minus a fixed shift
-    (the first chunk's mean) gives the covariance without cancellation. Works in float64.
+
+class SpectrumAccumulator:
+    """σ of raw vectors and λ of their covariance, streamed in chunks; memory O(heads·d²), not O(tokens).
+
+    Keeps the count n, the mean μ and a triangular factor R of the centered vectors, (X−μ)ᵀ(X−μ) = RᵀR.
+    A chunk B (n_b vectors, mean μ_b) merges exactly (Chan, Golub & LeVeque 1979):
+    S = S_a + (B−μ_b)ᵀ(B−μ_b) + (n_a·n_b/n)(μ_a−μ_b)ᵀ(μ_a−μ_b), so R ← qr_R([R; B−μ_b; √(n_a·n_b/n)(μ_a−μ_b)]).
+    Raw σ: XᵀX = S + n·μᵀμ, so σ(X) = σ(qr_R([R; √n·μ])); covariance λ = σ(R)² / (n−1).
+    Every step adds rows, nothing is subtracted or squared, so σ keep a relative error ~ε·cond(X); a Gram
+    matrix XᵀX would square the condition number (ε·cond²). Works in float64 on the vectors' device.
     """
 
     def __init__(self):
-        self.r_raw: torch.Tensor | None = None
-        self.r_shifted: torch.Tensor | None = None
-        self.shift: torch.Tensor | None = None
-        self.sum_shifted: torch.Tensor | None = None
         self.n = 0
-
-    @staticmethod
-    def _update(r: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        stacked = x if r is None else torch.cat([r, x], dim=-2)
-        return torch.linalg.qr(stacked, mode="r").R
+        self.mean: torch.Tensor | None = None  # (heads, 1, d)
+        self.r_centered: torch.Tensor | None = None  # (heads, ≤d, d)
 
     def add(self, vectors: torch.Tensor) -> None:
         """Add a chunk of shape (heads, n_chunk, d)."""
-        x = vectors.detach().to("cpu", torch.float64)
-        if self.shift is None:
-            self.shift = x.mean(-2, keepdim=True)
-            self.sum_shifted = torch.zeros_like(self.shift)
-        xs = x - self.shift
-        self.r_raw = self._update(self.r_raw, x)
-        self.r_shifted = self._update(self.r_shifted, xs)
-        self.sum_shifted += xs.sum(-2, keepdim=True)
-        self.n += x.shape[-2]
+        x = vectors.detach().to(torch.float64)
+        n_b = x.shape[-2]
+        if n_b == 0:
+            return
+        mean_b = x.mean(-2, keepdim=True)
+        if self.n == 0:
+            stacked, mean = x - mean_b, mean_b
+        else:
+            n = self.n + n_b
+            bridge = math.sqrt(self.n * n_b / n) * (self.mean - mean_b)
+            stacked = torch.cat([self.r_centered, x - mean_b, bridge], dim=-2)
+            mean = self.mean + (mean_b - self.mean) * (n_b / n)
+        self.r_centered = torch.linalg.qr(stacked, mode="r").R
+        self.mean, self.n = mean, self.n + n_b
+
+    def _require_data(self) -> None:
+        if self.n == 0:
+            raise ValueError("SpectrumAccumulator: no vectors were added")
 
     def singular_values(self) -> np.ndarray:
-        """σ of all vectors added, shape (heads, d), descending."""
-        return torch.linalg.svdvals(self.r_raw).numpy()
+        """σ of all vectors added (uncentered), shape (heads, d), descending."""
+        self._require_data()
+        raw = torch.linalg.qr(torch.cat([self.r_centered, math.sqrt(self.n) * self.mean], dim=-2), mode="r").R
+        return _svdvals_padded(raw, self.mean.shape[-1])
 
     def covariance_eigenvalues(self) -> np.ndarray:
-        """λ of the (n−1)-normalised covariance, shape (heads, d), descending, clipped at 0."""
-        delta = self.sum_shifted / self.n
-        gram = self.r_shifted.transpose(-1, -2) @ self.r_shifted
-        cov = (gram - self.n * delta.transpose(-1, -2) @ delta) / max(1, self.n - 1)
-        eig = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(0)
-        return eig.numpy()
+        """λ of the (n−1)-normalised covariance of all vectors added, shape (heads, d), descending."""
+        self._require_data()
+        return _svdvals_padded(self.r_centered, self.mean.shape[-1]) ** 2 / max(1, self.n - 1)

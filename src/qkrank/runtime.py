@@ -23,54 +23,94 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def backend(self) -> str | None:
+        """The process-group backend: NCCL on GPU, gloo on CPU; None for a single process."""
+        if self.world_size == 1:
+            return None
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
     def autocast(self):
-        """bf16 autocast on CUDA when switched on; a no-op context otherwise."""
+        """bf16 autocast when switched on (on the job's device); a no-op context otherwise."""
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def describe(self) -> dict:
+        return {"device": str(self.device), "bf16": self.bf16, "compile": self.compile, "tf32": self.tf32,
+                "world_size": self.world_size, "backend": self.backend}
 
-def resolve_switch(value, cuda: bool) -> bool:
-    """Config switch ``auto``/true/false → bool; ``auto`` means on when CUDA is present."""
-    return cuda if value == "auto" else bool(value)
+
+def resolve_switch(value, available: bool) -> bool:
+    """Config switch ``auto``/true/false → bool; ``auto`` means on when the feature is ``available``."""
+    if value == "auto":
+        return available
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"switch value {value!r} is not one of 'auto', true, false")
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available; use device: auto or cpu")
+def resolve_switches(train_cfg: dict, cuda: bool, cuda_bf16: bool) -> dict[str, bool]:
+    """The GPU switches this job uses, from config and what the hardware offers.
+
+    ``auto`` turns bf16 autocast on only on a CUDA device with native bf16, ``torch.compile`` and TF32 only
+    on CUDA. An explicit ``true`` is obeyed on CPU too for bf16 and compile (CPU autocast, inductor on CPU);
+    TF32 exists only on CUDA, so it is off on CPU whatever the config says.
+    """
+    return {"bf16": resolve_switch(train_cfg["bf16"], cuda and cuda_bf16),
+            "compile": resolve_switch(train_cfg["compile"], cuda),
+            "tf32": resolve_switch(train_cfg["tf32"], cuda) and cuda}
+
+
+def resolve_device(choice: str, local_rank: int = 0, cuda_available: bool | None = None) -> torch.device:
+    """``auto`` → this rank's GPU when CUDA is present, else CPU; ``cuda`` without CUDA is an error."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if choice == "cuda" and not cuda_available:
+        raise RuntimeError("config field 'train.device': 'cuda' requested but CUDA is not available; "
+                           "use 'auto' or 'cpu'")
+    if choice == "cuda" or (choice == "auto" and cuda_available):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init(train_cfg: dict, threads: int | None = None) -> Runtime:
-    """Set up this process: DDP when launched by torchrun (WORLD_SIZE > 1), threads, TF32."""
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and convolutions (CUDA only; harmless elsewhere)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def init(train_cfg: dict, job_cpus: int = 1) -> Runtime:
+    """Set up this process: DDP when launched by torchrun (WORLD_SIZE > 1), threads, TF32.
+
+    Threads: ``train.threads`` if set, else the job's CPUs shared among its processes.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(train_cfg["device"], local_rank)
     cuda = device.type == "cuda"
-    if threads:
-        torch.set_num_threads(threads)
-    if world_size > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    tf32 = resolve_switch(train_cfg["tf32"], cuda)
+    torch.set_num_threads(train_cfg["threads"] or max(1, job_cpus // world_size))
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    return Runtime(device=device, bf16=resolve_switch(train_cfg["bf16"], cuda) and cuda,
-                   compile=resolve_switch(train_cfg["compile"], cuda), tf32=tf32 and cuda,
-                   rank=rank, world_size=world_size)
+        torch.cuda.set_device(device)
+    switches = resolve_switches(train_cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    rt = Runtime(device=device, rank=rank, world_size=world_size, **switches)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(rt.backend)
+    if cuda:
+        set_tf32(rt.tf32)
+    return rt
 
 
-def all_reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The sum over processes (a copy); the value itself for a single process."""
     if runtime.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= runtime.world_size
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    return all_reduce_sum(value, runtime) / runtime.world_size
 
 
 def barrier(runtime: Runtime) -> None:

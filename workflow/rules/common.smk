@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
+from qkrank.atomic import atomic_write_text  # noqa: E402
 
 try:
     STUDY = qconfig.load(config)
@@ -56,7 +57,7 @@ rule cell_settings:
     params:
         settings=settings_json,
     run:
-        qconfig.write_text_atomic(output[0], params.settings)
+        atomic_write_text(output[0], params.settings)
 
 
 rule study_config:
@@ -65,7 +66,7 @@ rule study_config:
     params:
         config=json.dumps(STUDY, indent=2, sort_keys=True) + "\n",
     run:
-        qconfig.write_text_atomic(output[0], params.config)
+        atomic_write_text(output[0], params.config)
 
 
 def run_dir(cell):

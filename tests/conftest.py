@@ -1,0 +1,71 @@
+"""Shared fixtures: a micro study config, prepared data, and running the real workflow in a temp dir."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+# A few thousand tokens per cell, three modes: the true workflow in seconds.
+MICRO_CONFIG = {
+    "grid": {"scales": ["tiny"], "modes": ["learned", "frozen", "none"], "optimizers": ["muon"], "seeds": [0]},
+    "data": {"source": "builtin", "tokenizer": {"kind": "bpe", "vocab_size": 512}},
+    "scales": {
+        "tiny": {
+            "model": {"preset": "tiny", "vocab_size": 512, "n_layers": 2},
+            "train": {"seq_len": 64, "micro_batch": 4, "total_tokens": 2048, "checkpoint_every_tokens": 512,
+                      "val_tokens": 256},
+            "probe": {"n_sequences": 4},
+        }
+    },
+    "aggregate": {"marks_tokens": [1024, 2048]},
+}
+
+
+def micro_config(**overrides) -> dict:
+    """A deep copy of the micro config; keyword overrides replace top-level sections."""
+    cfg = copy.deepcopy(MICRO_CONFIG)
+    cfg.update(copy.deepcopy(overrides))
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def env_with_src() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_snakemake(workdir: Path, configfile: Path, *args: str, snakefile: Path | None = None,
+                  check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real workflow (this repo's Snakefile unless given) with ``workdir`` as working directory."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile or REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with_src(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    """Prepared token shards of the micro config (built once per test session)."""
+    from qkrank import config as qconfig
+    from qkrank.data import prepare
+
+    out = tmp_path_factory.mktemp("micro_data")
+    prepare(qconfig.load(micro_config())["data"], out)
+    return out
