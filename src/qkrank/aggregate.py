@@ -49,6 +49,14 @@ def probe_path(results: Path, cell: qconfig.Cell, tokens: int) -> Path:
     return results / "runs" / cell.id / "probe" / f"{tokens}.h5"
 
 
+IDENT_COLUMNS = CELL_COLUMNS + ["tokens_seen"]
+FRAME_COLUMNS = {
+    "probes": IDENT_COLUMNS + ["layer", "head", "tensor", "site", *METRICS, "top_energy_share"],
+    "gamma": IDENT_COLUMNS + ["layer", "tensor", "dim", "gamma"],
+    "spectra": IDENT_COLUMNS + ["layer", "depth", "tensor", "head", "index", "sv", "sv_normalized"],
+}
+
+
 def _frame(columns: dict[str, list[np.ndarray]], ident: dict) -> pd.DataFrame:
     frame = pd.DataFrame({k: np.concatenate(v) if v else np.array([]) for k, v in columns.items()})
     for i, (key, value) in enumerate(ident.items()):
@@ -69,9 +77,8 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
         ident = {"scale": str(f.attrs["scale"]), "mode": str(f.attrs["mode"]),
                  "optimizer": str(f.attrs["optimizer"]), "seed": int(f.attrs["seed"]),
                  "tokens_seen": int(f.attrs["tokens_seen"])}
-        metric_cols = {k: [] for k in ("layer", "head", "tensor", "site", *METRICS, "top_energy_share")}
-        gamma_cols = {k: [] for k in ("layer", "tensor", "dim", "gamma")}
-        spectrum_cols = {k: [] for k in ("layer", "depth", "tensor", "head", "index", "sv", "sv_normalized")}
+        metric_cols, gamma_cols, spectrum_cols = ({k: [] for k in FRAME_COLUMNS[name][len(IDENT_COLUMNS):]}
+                                                  for name in ("probes", "gamma", "spectra"))
         n_layers = int(f.attrs["n_layers"])
         spectrum_layers = depth_layers(n_layers, depths) if depths is not None else {}
         for layer in range(n_layers):
@@ -152,7 +159,7 @@ def collect(config: dict, results: Path) -> dict[str, pd.DataFrame]:
         losses.append(read_losses(results, cell))
         checkpoints.append(pd.DataFrame({"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                                          "seed": cell.seed, "tokens_seen": tokens_list}))
-    out = {name: pd.concat(frames, ignore_index=True) if frames else _frame(EMPTY_COLUMNS[name], {})
+    out = {name: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FRAME_COLUMNS[name])
            for name, frames in parts.items()}
     out["losses"] = pd.concat(losses, ignore_index=True)
     out["checkpoints"] = pd.concat(checkpoints, ignore_index=True)

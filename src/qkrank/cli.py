@@ -22,12 +22,11 @@ TABLE_COLUMNS = (("preset", "preset"), ("layers", "n_layers"), ("d_model", "d_mo
 
 
 def human_count(n: int) -> str:
-    """1579462656 -> '1.579B'; 89196288 -> '89.2M'."""
-    if n >= 10**9:
-        return f"{n / 1e9:.3f}B"
-    if n >= 10**6:
-        return f"{n / 1e6:.1f}M"
-    return f"{n / 1e3:.1f}K"
+    """Three significant digits: 1579462656 -> '1.58B', 89196288 -> '89.2M', 722304 -> '722K'."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

@@ -20,9 +20,12 @@ DETERMINISTIC_COLUMNS = ("tokens_seen", "step", "train_loss", "val_loss", "lr_mu
 
 def rows_to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="raise", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
+        unknown = set(row) - set(COLUMNS)
+        if unknown:  # a misspelt key would otherwise vanish from the log without a trace
+            raise ValueError(f"metrics row has unknown column(s) {sorted(unknown)}; columns: {list(COLUMNS)}")
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
     return buf.getvalue()
 

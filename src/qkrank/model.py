@@ -84,13 +84,13 @@ PRESETS: dict[str, ModelConfig] = {
                         d_ff=8192, max_seq_len=2048),
 }
 
-# Where each row comes from. Seed 000 fixes only 22 layers, head dim 64 and ≈88M; d_model 512 with the
-# 2:1 query:KV grouping and d_ff = 4·d_model of seed 004 is the one power-of-two width that lands near it
-# (full multi-head attention at that width gives ≈95M, outside the 86–90M the study accepts).
+# Where each row comes from. Seed 000 fixes only 22 layers, head dim 64 and ≈88M. With d_ff = 4·d_model and
+# tied GPT-2 embeddings, width 512 is the only multiple of 64 inside 86–90M (448: 75.5M, 576: 107M); at 512,
+# full multi-head attention gives 95.0M and seed 004's 2:1 query:KV grouping gives 89.2M (docs/presets.md).
 PRESET_SOURCES: dict[str, str] = {
-    "tiny": "embedded default: the seed-004 shape shrunk to run on a CPU in minutes",
-    "88m": "seed 000 (22 layers, head dim 64, ≈88M); width 512 with seed 004's GQA 2:1 and d_ff = 4·d_model",
-    "1.5b": "seed 004 §1 table (d_model 2048, 32 layers, 16 heads of 128, 8 KV heads, d_ff 8192, ≈1.58B)",
+    "tiny": "embedded default: seed 004's shape, small enough for a CPU",
+    "88m": "seed 000 (22 layers, head dim 64, ≈88M); width chosen here",
+    "1.5b": "seed 004 §1 architecture table (≈1.58B)",
 }
 
 

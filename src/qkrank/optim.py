@@ -39,8 +39,8 @@ def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[
         if group == "muon":
             m = optim_cfg["muon"]
             out["muon"] = torch.optim.Muon(
-                [p for _, p in named], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"], ns_steps=m["ns_steps"],
-                adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
+                [p for _, p in named], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"],
+                ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
         else:
             a = optim_cfg["adamw"]
             # Decay would pull γ (and any gain) toward 0, not toward its initial 1, biasing the very

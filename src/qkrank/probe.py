@@ -28,10 +28,14 @@ from qkrank.model import GPT, SITES, TENSORS, ModelConfig
 from qkrank.rank import SpectrumAccumulator, all_metrics
 
 SCHEMA_VERSION = 1
-# Below this many probe tokens per head, a spectrum of head_dim values is shaped by sample size as much as
-# by the model (the smallest σ of n×d Gaussian noise is ≈ (1 − √(d/n))·σ_max/(1 + √(d/n)) = 0.6 at n = 16d).
+# Below 16 × head_dim probe tokens per head a spectrum reflects sample size as well as the model: even for
+# isotropic Gaussian vectors σ_min/σ_max ≈ (1 − √(d/n)) / (1 + √(d/n)), 0.6 at n = 16d instead of 1.
 MIN_TOKENS_PER_HEAD_DIM = 16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# probe.save_activations: auto keeps the raw vectors when they are small enough to archive with every
+# checkpoint (tiny, 2,048 tokens: 9 MiB per file); 88m (≈ 200 MiB at 2,048 tokens) and 1.5b (≈ 9 GiB at
+# 16,384) keep only spectra and metrics.
+AUTO_ACTIVATION_BYTES = 64 * 2**20
 
 
 class ProbeError(RuntimeError):
@@ -59,6 +63,18 @@ def small_batch_message(n_tokens: int, head_dim: int) -> str | None:
         return None
     return (f"probe batch has {n_tokens} tokens per head, fewer than {MIN_TOKENS_PER_HEAD_DIM} × head_dim = "
             f"{needed}: the spectra will partly reflect sample size; raise probe.n_sequences or probe.seq_len")
+
+
+def activation_bytes(cfg: ModelConfig, n_tokens: int) -> int:
+    """Size of every ``act`` dataset of one probe file, float16, before compression."""
+    return cfg.n_layers * len(SITES) * (cfg.n_heads + cfg.n_kv_heads) * n_tokens * cfg.head_dim * 2
+
+
+def saves_activations(choice, cfg: ModelConfig, n_tokens: int) -> bool:
+    """probe.save_activations resolved: true/false as given; auto = at most AUTO_ACTIVATION_BYTES of ``act``."""
+    if choice == "auto":
+        return activation_bytes(cfg, n_tokens) <= AUTO_ACTIVATION_BYTES
+    return bool(choice)
 
 
 def load_snapshot(run_dir: Path, tokens: int) -> dict:
@@ -179,7 +195,11 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     if model_cfg.norm_mode != cell["mode"]:
         raise ProbeError(f"{run_dir}: snapshot mode {model_cfg.norm_mode!r} != cell mode {cell['mode']!r}")
     probe_cfg = settings["probe"]
-    device = runtime.resolve_device(probe_cfg["device"])
+    try:
+        device = runtime.resolve_device(probe_cfg["device"])
+    except RuntimeError:
+        raise ProbeError("config field 'probe.device': 'cuda' requested but CUDA is not available; "
+                         "use 'auto' or 'cpu'") from None
     torch.set_num_threads(settings["resources"]["probe"]["cpus"])
     model = GPT(model_cfg)
     model.load_state_dict(snap["model"])
@@ -189,12 +209,13 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     message = small_batch_message(n_tokens, model_cfg.head_dim)
     if message:
         warnings.warn(message, ProbeWarning, stacklevel=2)
+    keep_activations = saves_activations(probe_cfg["save_activations"], model_cfg, n_tokens)
     attrs = {
         "scale": cell["scale"], "mode": cell["mode"], "optimizer": cell["optimizer"], "seed": cell["seed"],
         "cell": cell["id"], "tokens_seen": int(snap["tokens_seen"]), "step": int(snap["step"]),
         "config_hash": snap["config_hash"], "probe_batch_hash": batch_hash(windows),
         "n_probe_sequences": int(windows.shape[0]), "probe_seq_len": int(windows.shape[1]),
-        "n_probe_tokens": n_tokens, "activations_saved": bool(probe_cfg["save_activations"]),
+        "n_probe_tokens": n_tokens, "activations_saved": keep_activations,
         "qkrank_version": __version__, "schema_version": SCHEMA_VERSION, "n_layers": model_cfg.n_layers,
         "n_heads": model_cfg.n_heads, "n_kv_heads": model_cfg.n_kv_heads, "head_dim": model_cfg.head_dim,
         "device": device.type,
@@ -204,7 +225,7 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         writer = None
-        if probe_cfg["save_activations"]:
+        if keep_activations:
             writer = ActivationWriter(f, model_cfg, n_tokens, probe_cfg["chunk_sequences"] * windows.shape[1])
         spectra = measure(model, windows, probe_cfg["chunk_sequences"], device, writer)
         write_spectra(f, spectra, model.gammas(), model_cfg.n_layers)

@@ -11,11 +11,9 @@ rule probe:
         f"{RESULTS}/logs/probe/{CELL_LOG}/{{tokens}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/probe/{CELL_LOG}/{{tokens}}.tsv"
-    threads: lambda wildcards: settings_of(wildcards)["resources"]["probe"]["cpus"]
+    threads: cell_resource("probe", "cpus")
     resources:
-        gpus=lambda wildcards: settings_of(wildcards)["resources"]["probe"]["gpus"],
-        mem_mb=lambda wildcards: settings_of(wildcards)["resources"]["probe"]["mem_mb"],
-        runtime=lambda wildcards: settings_of(wildcards)["resources"]["probe"]["runtime"],
+        **{name: cell_resource("probe", key) for name, key in JOB_RESOURCES.items()},
     shell:
         "{PY} -m qkrank.probe --settings {input.settings} --data {DATA} --run-dir {params.run_dir}"
         " --tokens {wildcards.tokens} --out {output} > {log} 2>&1"

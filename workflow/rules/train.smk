@@ -5,6 +5,23 @@ def train_launcher(wildcards):
     return f"PYTHONPATH={SRC} torchrun --standalone --nproc_per_node={nproc}"
 
 
+# A cell's `resources.<stage>` become the job's resources; the SLURM executor plugin turns them into sbatch
+# options: gpu → --gpus, threads → --cpus-per-task, mem_mb → --mem, runtime → --time (minutes),
+# slurm_partition → --partition, slurm_extra → appended as is (workflow/profiles/slurm/config.yaml).
+JOB_RESOURCES = {"gpu": "gpus", "mem_mb": "mem_mb", "runtime": "runtime",
+                 "slurm_partition": "slurm_partition", "slurm_extra": "slurm_extra"}
+
+
+def cell_resource(stage, key):
+    """A rule-resource function: the cell's ``resources.<stage>.<key>`` ("" for an unset partition/extra)."""
+
+    def value(wildcards):
+        setting = settings_of(wildcards)["resources"][stage][key]
+        return "" if setting is None else setting
+
+    return value
+
+
 rule train:
     input:
         manifest=f"{DATA}/manifest.json",
@@ -19,13 +36,9 @@ rule train:
         f"{RESULTS}/logs/train/{CELL_LOG}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{CELL_LOG}.tsv"
-    threads: lambda wildcards: settings_of(wildcards)["resources"]["train"]["cpus"]
+    threads: cell_resource("train", "cpus")
     resources:
-        gpus=lambda wildcards: settings_of(wildcards)["resources"]["train"]["gpus"],
-        mem_mb=lambda wildcards: settings_of(wildcards)["resources"]["train"]["mem_mb"],
-        runtime=lambda wildcards: settings_of(wildcards)["resources"]["train"]["runtime"],
-        slurm_partition=lambda wildcards: settings_of(wildcards)["resources"]["train"]["slurm_partition"] or "",
-        slurm_extra=lambda wildcards: settings_of(wildcards)["resources"]["train"]["slurm_extra"] or "",
+        **{name: cell_resource("train", key) for name, key in JOB_RESOURCES.items()},
     shell:
         "{params.launcher} -m qkrank.train --settings {input.settings} --data {DATA}"
         " --out {params.run_dir} > {log} 2>&1"

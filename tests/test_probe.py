@@ -1,0 +1,284 @@
+"""Probe files of real micro runs: layout per mode, γ, act vs stored metrics, batch identity, truncation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import micro_config, run_snakemake, write_config
+
+from qkrank import checkpoint
+from qkrank import config as qconfig
+from qkrank.data import TokenShards
+from qkrank.model import GPT, PRESETS, SITES, TENSORS, ModelConfig
+from qkrank.probe import (
+    SCHEMA_VERSION,
+    ProbeError,
+    ProbeWarning,
+    batch_hash,
+    is_complete_probe_file,
+    main,
+    measure,
+    probe_batch,
+    probe_file_problem,
+    probe_snapshot,
+    saves_activations,
+    small_batch_message,
+)
+from qkrank.rank import METRICS, pr
+
+ROOT_ATTRS = ("scale", "mode", "optimizer", "seed", "tokens_seen", "step", "config_hash", "probe_batch_hash",
+              "qkrank_version", "schema_version", "n_probe_tokens", "complete")
+
+
+@pytest.fixture(scope="module")
+def study(micro_data, tmp_path_factory):
+    """Every mode of the micro config trained, and every snapshot probed: {mode: (settings, run_dir)}."""
+    from qkrank.train import train_cell
+
+    root = tmp_path_factory.mktemp("probe_study")
+    cfg = qconfig.load(micro_config())
+    runs = {}
+    for cell in qconfig.cells(cfg):
+        settings = qconfig.cell_settings(cfg, cell)
+        run = root / "runs" / cell.id
+        train_cell(settings, micro_data, run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProbeWarning)  # the micro batch is deliberately small
+            for tokens in qconfig.checkpoint_tokens(settings):
+                probe_snapshot(settings, micro_data, run, tokens, run / "probe" / f"{tokens}.h5")
+        runs[cell.mode] = (settings, run)
+    return runs
+
+
+def _files(run):
+    return sorted((run / "probe").glob("*.h5"), key=lambda p: int(p.stem))
+
+
+def _model(run, tokens: int) -> GPT:
+    snap = checkpoint.safe_load(run / "snapshots" / f"{tokens}.pt")
+    model = GPT(ModelConfig(**snap["model_config"]))
+    model.load_state_dict(snap["model"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["learned", "frozen", "none"])
+def test_every_dataset_is_present_with_its_shape(study, mode):
+    settings, run = study[mode]
+    cfg = _model(run, 0).cfg
+    n_tokens = settings["probe"]["n_sequences"] * settings["train"]["seq_len"]
+    files = _files(run)
+    assert [int(p.stem) for p in files] == qconfig.checkpoint_tokens(settings)
+    for path in files:
+        with h5py.File(path) as f:
+            assert all(name in f.attrs for name in ROOT_ATTRS)
+            assert (f.attrs["mode"], f.attrs["tokens_seen"]) == (mode, int(path.stem))
+            assert f.attrs["n_probe_tokens"] == n_tokens and f.attrs["activations_saved"]
+            assert f.attrs["schema_version"] == SCHEMA_VERSION
+            assert sorted(f["layers"]) == [str(i) for i in range(cfg.n_layers)]
+            for layer in range(cfg.n_layers):
+                for tensor, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+                    for site in SITES:
+                        group = f[f"layers/{layer}/{tensor}/{site}"]
+                        assert set(group) == {"sv", "eig_cov", "act", *METRICS}
+                        for name in ("sv", "eig_cov"):
+                            values = group[name][()]
+                            assert values.shape == (heads, cfg.head_dim) and values.dtype == np.float64
+                            assert np.all(np.diff(values, axis=1) <= 0), f"{name} must be descending"
+                        for metric in METRICS:
+                            assert group[metric].shape == (heads,) and group[metric].dtype == np.float64
+                        act = group["act"]
+                        assert act.shape == (heads, n_tokens, cfg.head_dim) and act.dtype == np.float16
+                        assert act.compression == "gzip"
+                gammas = {t: f.get(f"layers/{layer}/gamma_{t}") for t in TENSORS}
+                if mode == "none":
+                    assert all(g is None for g in gammas.values())
+                else:
+                    assert all(g is not None and g.shape == (cfg.head_dim,) for g in gammas.values())
+
+
+def test_frozen_gamma_is_exactly_one_in_every_file_and_learned_gamma_moves(study):
+    for path in _files(study["frozen"][1]):
+        with h5py.File(path) as f:
+            for layer in range(int(f.attrs["n_layers"])):
+                for tensor in TENSORS:
+                    assert np.array_equal(f[f"layers/{layer}/gamma_{tensor}"][()], np.ones(int(f.attrs["head_dim"])))
+    with h5py.File(_files(study["learned"][1])[-1]) as f:
+        assert not np.array_equal(f["layers/0/gamma_k"][()], np.ones(int(f.attrs["head_dim"])))
+
+
+def _pr_bounds_from_float16(act: np.ndarray) -> tuple[float, float]:
+    """Interval certain to hold pr of the float32 vectors that ``act`` (float16) rounds.
+
+    Round-to-nearest float16 gives |E| ≤ u|X| + η entrywise (u = 2⁻¹¹, η = 2⁻²⁵ for subnormals), so
+    ‖E‖₂ ≤ ‖|E|‖₂ ≤ u/(1−u)·‖|X̂|‖₂ + η√(nd) = ε, and by Weyl every σ moves by at most ε. pr = (Σσ)²/Σσ² then
+    lies between (Σσ̂ − dε)²/Σ(σ̂+ε)² and (Σσ̂ + dε)²/Σmax(σ̂−ε, 0)².
+    """
+    x = act.astype(np.float64)
+    u, eta = 2.0**-11, 2.0**-25
+    eps = u / (1 - u) * np.linalg.norm(np.abs(x), 2) + eta * np.sqrt(x.size)
+    sv = np.linalg.svd(x, compute_uv=False)
+    d = len(sv)
+    low = max(sv.sum() - d * eps, 0) ** 2 / ((sv + eps) ** 2).sum()
+    high = (sv.sum() + d * eps) ** 2 / (np.clip(sv - eps, 0, None) ** 2).sum()
+    return low, high
+
+
+def test_pr_recomputed_from_act_with_numpy_svd_equals_stored_pr(study):
+    for mode in ("learned", "none"):
+        with h5py.File(_files(study[mode][1])[-1]) as f:
+            for layer in range(int(f.attrs["n_layers"])):
+                for tensor in TENSORS:
+                    for site in SITES:
+                        group = f[f"layers/{layer}/{tensor}/{site}"]
+                        act, stored = group["act"][()], group["pr"][()]
+                        for head in range(act.shape[0]):
+                            recomputed = pr(np.linalg.svd(act[head].astype(np.float64), compute_uv=False))
+                            low, high = _pr_bounds_from_float16(act[head])
+                            assert low <= stored[head] <= high
+                            # In practice rounding errors average out: each σ moves by uᵢᵀEvᵢ, a sum of n·d
+                            # independent errors, ~2⁻¹¹/√(3n) ≈ 2e-5 relative at n = 256; 1e-4 is 5× above that.
+                            assert recomputed == pytest.approx(stored[head], rel=1e-4)
+
+
+def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_data):
+    settings, run = study["learned"]
+    model = _model(run, 2048)
+    windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+    with torch.no_grad(), model.capture() as captured:
+        model(torch.from_numpy(windows))
+    with h5py.File(run / "probe" / "2048.h5") as f:
+        for name, tensor_site in (("layer.1/k/roped", "1/k/roped"), ("layer.0/q/normed", "0/q/normed")):
+            value = captured[name]  # (B, heads, T, d) → (heads, B·T, d), sequence-major
+            expected = value.transpose(0, 1).reshape(value.shape[1], -1, value.shape[-1]).to(torch.float16)
+            assert np.array_equal(f[f"layers/{tensor_site}/act"][()], expected.numpy())
+
+
+def test_probe_batch_is_identical_across_checkpoints_and_modes(study, micro_data):
+    settings = study["learned"][0]
+    expected = batch_hash(probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"]))
+    hashes = set()
+    for _, run in study.values():
+        for path in _files(run):
+            with h5py.File(path) as f:
+                hashes.add(f.attrs["probe_batch_hash"])
+    assert hashes == {expected}
+    other = batch_hash(probe_batch(TokenShards(micro_data), {"n_sequences": 5, "seq_len": None}, 64))
+    assert other != expected
+
+
+def test_probing_does_not_change_the_model_output(study, micro_data):
+    for mode, (settings, run) in study.items():
+        model = _model(run, 2048)
+        windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+        x = torch.from_numpy(windows)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            plain = model(x)
+            with model.capture():
+                captured = model(x)
+        measure(model, windows, 3, torch.device("cpu"))
+        with torch.no_grad():
+            after = model(x)
+        assert torch.equal(plain, captured) and torch.equal(plain, after), mode
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), mode
+
+
+def test_chunk_size_does_not_change_the_stored_spectra(study, micro_data, tmp_path):
+    settings, run = study["none"]
+    settings = json.loads(json.dumps(settings))
+    settings["probe"].update(chunk_sequences=1, save_activations=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeWarning)
+        probe_snapshot(settings, micro_data, run, 2048, tmp_path / "one.h5")
+    with h5py.File(tmp_path / "one.h5") as one, h5py.File(run / "probe" / "2048.h5") as four:
+        assert not one.attrs["activations_saved"] and "act" not in one["layers/0/k/roped"]
+        for site in SITES:
+            name = f"layers/1/q/{site}/sv"
+            np.testing.assert_allclose(one[name][()], four[name][()], rtol=1e-9)
+
+
+def test_small_probe_batch_warns(study, micro_data, tmp_path):
+    settings, run = study["frozen"]
+    with pytest.warns(ProbeWarning, match=r"256 tokens per head, fewer than 16 × head_dim = 512"):
+        probe_snapshot(settings, micro_data, run, 0, tmp_path / "0.h5")
+    assert small_batch_message(512, 32) is None and small_batch_message(511, 32) is not None
+
+
+def test_save_activations_auto_keeps_them_for_tiny_only():
+    assert saves_activations("auto", PRESETS["tiny"], 8 * 256)
+    assert not saves_activations("auto", PRESETS["88m"], 8 * 256)
+    assert not saves_activations("auto", PRESETS["1.5b"], 8 * 2048)
+    assert saves_activations(True, PRESETS["1.5b"], 8 * 2048) and not saves_activations(False, PRESETS["tiny"], 8)
+
+
+@pytest.mark.parametrize("damage", ["half", "last_byte", "no_complete", "old_schema", "missing"])
+def test_a_damaged_probe_file_is_detected_and_named(study, tmp_path, damage):
+    path = tmp_path / "probe" / "2048.h5"
+    path.parent.mkdir()
+    shutil.copy(study["learned"][1] / "probe" / "2048.h5", path)
+    assert is_complete_probe_file(path) and probe_file_problem(path) is None
+    if damage in ("half", "last_byte"):
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size // 2 if damage == "half" else size - 1)
+    elif damage in ("no_complete", "old_schema"):
+        with h5py.File(path, "a") as f:
+            if damage == "no_complete":
+                del f.attrs["complete"]
+            else:
+                f.attrs["schema_version"] = SCHEMA_VERSION - 1
+    else:
+        path.unlink()
+    assert not is_complete_probe_file(path)
+    problem = probe_file_problem(path)
+    assert problem.startswith(f"{path}: ")
+    expected = {"half": "truncated", "last_byte": "truncated", "no_complete": "incomplete",
+                "old_schema": "schema version", "missing": "missing"}[damage]
+    assert expected in problem
+
+
+def test_cli_names_a_missing_snapshot_and_valid_ones(study, micro_data, tmp_path):
+    settings, run = study["learned"]
+    settings_path = tmp_path / "settings.json"
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--settings", str(settings_path), "--data", str(micro_data), "--run-dir", str(run),
+              "--tokens", "700", "--out", str(tmp_path / "700.h5")])
+    message = str(exit_info.value)
+    assert "train.json: no snapshot at 700 tokens" in message and "[0, 512, 1024, 1536, 2048]" in message
+    assert not (tmp_path / "700.h5").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cuda_probe_device_without_cuda_names_the_field(study, micro_data, tmp_path):
+    settings, run = study["learned"]
+    settings = json.loads(json.dumps(settings))
+    settings["probe"]["device"] = "cuda"
+    with pytest.raises(ProbeError, match="probe.device"):
+        probe_snapshot(settings, micro_data, run, 0, tmp_path / "0.h5")
+
+
+def test_workflow_reprobes_a_truncated_probe_file(tmp_path):
+    """Depends on the workflow's parse-time check of probe files (qkrank.verify) to schedule the re-probe."""
+    cfg = micro_config()
+    cfg["grid"]["modes"] = ["learned"]
+    cfg["scales"]["tiny"]["train"].update(total_tokens=1024, checkpoint_every_tokens=512)
+    configfile = write_config(tmp_path / "micro.yaml", cfg)
+    cell_dir = "results/runs/tiny/learned/muon/seed0"
+    run = tmp_path / cell_dir
+    targets = [f"{cell_dir}/probe/{t}.h5" for t in (0, 512, 1024)]
+    run_snakemake(tmp_path, configfile, *targets)
+    damaged, untouched = run / "probe" / "512.h5", run / "probe" / "1024.h5"
+    stamp = untouched.stat().st_mtime_ns
+    with open(damaged, "r+b") as f:
+        f.truncate(damaged.stat().st_size // 2)
+    assert not is_complete_probe_file(damaged)
+    run_snakemake(tmp_path, configfile, *targets)
+    assert is_complete_probe_file(damaged)
+    assert untouched.stat().st_mtime_ns == stamp, "only the damaged file is probed again"
