@@ -264,16 +264,18 @@ def test_cuda_probe_device_without_cuda_names_the_field(study, micro_data, tmp_p
         probe_snapshot(settings, micro_data, run, 0, tmp_path / "0.h5")
 
 
-def test_workflow_reprobes_a_truncated_probe_file(tmp_path):
+def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
     """Depends on the workflow's parse-time check of probe files (qkrank.verify) to schedule the re-probe."""
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
     cfg["scales"]["tiny"]["train"].update(total_tokens=1024, checkpoint_every_tokens=512)
     configfile = write_config(tmp_path / "micro.yaml", cfg)
+    shutil.copytree(micro_data, tmp_path / "results" / "data")  # same data section: saves tokenizer training
     cell_dir = "results/runs/tiny/learned/muon/seed0"
     run = tmp_path / cell_dir
-    targets = [f"{cell_dir}/probe/{t}.h5" for t in (0, 512, 1024)]
-    run_snakemake(tmp_path, configfile, *targets)
+    targets = [f"{cell_dir}/probe/{t}.h5" for t in (512, 1024)]
+    proc = run_snakemake(tmp_path, configfile, *targets)
+    assert "rule data:" not in proc.stdout + proc.stderr
     damaged, untouched = run / "probe" / "512.h5", run / "probe" / "1024.h5"
     stamp = untouched.stat().st_mtime_ns
     with open(damaged, "r+b") as f:

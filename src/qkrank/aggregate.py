@@ -180,7 +180,8 @@ def seed_bands(frame: pd.DataFrame, keys: list[str], value: str, level: float) -
                         np.nan)
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
-    return out.drop(columns="sd")[keys + ["mean", "ci_low", "ci_high", "n_seeds"]]
+    out["ci_level"] = level
+    return out[keys + ["mean", "ci_low", "ci_high", "n_seeds", "ci_level"]]
 
 
 def mean_pr(probes: pd.DataFrame) -> pd.DataFrame:

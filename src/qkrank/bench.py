@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qkrank.atomic import atomic_write_text
 from qkrank.model import GPT, CausalSelfAttention, ModelConfig, apply_rope
@@ -539,6 +540,45 @@ def gpu_training(preset: str, device: str | torch.device = "cuda", micro_batch: 
             **{k: v for k, v in result.items() if k != "seconds"}, **summary}
 
 
+def sdpa_gqa_check(device: torch.device, n_heads: int = 16, n_kv_heads: int = 8, seq_len: int = 2048,
+                   head_dim: int = 128, batch: int = 4) -> dict:
+    """Which fused SDPA kernels accept the model's grouped K/V (enable_gqa), and forward+backward time of the
+    default dispatch against K/V repeated per group first: the attention cost behind the MFU figures."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def tensor(heads):
+        return torch.randn(batch, heads, seq_len, head_dim, generator=gen).to(device, torch.bfloat16).requires_grad_()
+
+    q, k, v = tensor(n_heads), tensor(n_kv_heads), tensor(n_kv_heads)
+    groups = n_heads // n_kv_heads
+    out = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+            out[backend.name] = "accepts enable_gqa"
+        except RuntimeError as e:
+            out[backend.name] = f"refuses: {str(e).splitlines()[0][:200]}"
+
+    def timed(fn, repeats=10):
+        fn().sum().backward()
+        _synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn().sum().backward()
+        _synchronize(device)
+        return (time.perf_counter() - t0) / repeats
+
+    out["gqa_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    out["repeated_kv_s"] = timed(lambda: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True))
+    out["shape"] = {"batch": batch, "heads": n_heads, "kv_heads": n_kv_heads, "seq_len": seq_len,
+                    "head_dim": head_dim}
+    return out
+
+
 def gpu_benchmarks(presets, steps: int, warmup: int) -> dict:
     """The GPU part: bf16 matmul peak measured now, then each preset with bf16 autocast and torch.compile."""
     if not torch.cuda.is_available():
@@ -549,7 +589,8 @@ def gpu_benchmarks(presets, steps: int, warmup: int) -> dict:
     measured_peak = matmul_peak(device, torch.bfloat16, 8192, repeats=10)
     out = {"device_name": name, "spec_bf16_peak_flops": spec_peak, "spec_peak_source": spec_source,
            "measured_bf16_matmul_flops": measured_peak, "matmul_n": 8192,
-           "total_memory_gb": torch.cuda.get_device_properties(device).total_memory / 1e9, "runs": {}}
+           "total_memory_gb": torch.cuda.get_device_properties(device).total_memory / 1e9,
+           "sdpa_gqa": sdpa_gqa_check(device), "runs": {}}
     for preset in presets:
         shape = GPU_RUNS[preset]
         run = gpu_training(preset, device, steps=steps, warmup=warmup, peak_flops=spec_peak, **shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class Cell:
 
 
 def load_schema() -> dict:
+    """The parsed schema, a fresh copy each call (it is asked for once per cell; parsing it is the slow part)."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_schema() -> dict:
     with open(SCHEMA_PATH) as f:
         return yaml.safe_load(f)
 
@@ -76,8 +83,11 @@ def _validated(instance: dict, schema: dict, prefix: str = "") -> dict:
     for _ in range(2):
         errors = sorted(validator.iter_errors(out), key=lambda e: list(e.absolute_path))
         if errors:
-            field = prefix + _field_path(errors[0])
-            raise ConfigError(f"config field '{field}': {errors[0].message}")
+            error = errors[0]
+            hint = ""
+            if error.validator == "additionalProperties" and error.schema.get("properties"):
+                hint = f"; valid keys: {sorted(error.schema['properties'])}"
+            raise ConfigError(f"config field '{prefix + _field_path(error)}': {error.message}{hint}")
     return out
 
 
@@ -139,6 +149,13 @@ def _check_scale(where: str, settings: dict) -> None:
                 f"config field '{where}.{name}': {value} is not a multiple of tokens per optimizer step "
                 f"(micro_batch {train['micro_batch']} × grad_accum {train['grad_accum']} × seq_len "
                 f"{train['seq_len']} = {step}); nearest valid values: {_nearest_multiples(value, step, minimum)}")
+    every = train["checkpoint_every_tokens"]
+    if train["total_tokens"] % every:
+        runs = train["total_tokens"] // every
+        raise ConfigError(
+            f"config field '{where}.train.total_tokens': {train['total_tokens']} is not a whole number of "
+            f"checkpoint intervals (checkpoint_every_tokens {every}), so the last probe interval would differ; "
+            f"nearest valid values: {' or '.join(str(n * every) for n in (runs, runs + 1) if n > 0)}")
     if warmup > train["total_tokens"]:
         raise ConfigError(f"config field '{where}.optim.schedule.warmup_tokens': {warmup} exceeds "
                           f"train.total_tokens {train['total_tokens']}")
@@ -190,8 +207,31 @@ def load(source: str | Path | dict | None = None) -> dict:
             raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
                               f"cells: {sorted(valid_ids)}")
     for cell in cells(config):
-        cell_settings(config, cell)
+        _check_data_fits(config["data"], cell_settings(config, cell))
     return config
+
+
+def _check_data_fits(data: dict, settings: dict) -> None:
+    """The model's vocabulary holds the tokenizer's, and capped splits hold one sequence of each use."""
+    where = f"scales.{settings['cell']['scale']}"
+    model_vocab = settings["model"].get("vocab_size")
+    if model_vocab is None:
+        from qkrank.model import PRESETS
+
+        model_vocab = PRESETS[settings["model"]["preset"]].vocab_size
+    tokenizer = data["tokenizer"]
+    needed = tokenizer["vocab_size"]
+    if tokenizer["kind"] == "bpe" and model_vocab < needed:
+        raise ConfigError(f"config field '{where}.model.vocab_size': {model_vocab} is smaller than "
+                          f"data.tokenizer.vocab_size {needed}; use at least {needed}")
+    train_len = settings["train"]["seq_len"]
+    probe_len = settings["probe"]["seq_len"] or train_len
+    for split, length, use in (("train", train_len, "train.seq_len"), ("val", max(train_len, probe_len),
+                                                                       "train.seq_len / probe.seq_len")):
+        cap = data[f"{split}_tokens"]
+        if cap is not None and cap < length + 1:
+            raise ConfigError(f"config field 'data.{split}_tokens': {cap} tokens cannot hold one sequence of "
+                              f"{where}.{use} {length} (+1 target); use at least {length + 1} or null (all)")
 
 
 def add_config_args(parser) -> None:

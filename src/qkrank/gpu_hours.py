@@ -9,6 +9,7 @@ own FLOPs (12·layers·d_model·seq_len per token) and the probes are left out.
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 
 from qkrank import config as qconfig
@@ -32,11 +33,15 @@ def study_rows(config: dict, mfu: float = DEFAULT_MFU) -> list[dict]:
     from qkrank.model import ModelConfig, model_summary
 
     groups: dict[tuple, int] = defaultdict(int)
+    n_params_of: dict[str, int] = {}
     for cell in qconfig.cells(config):
         settings = qconfig.cell_settings(config, cell)
-        fields = {k: v for k, v in settings["model"].items() if k != "preset"}
-        n_params = model_summary(ModelConfig.from_preset(settings["model"]["preset"], **fields))["n_params"]
-        groups[(cell.scale, n_params, settings["train"]["total_tokens"])] += 1
+        model = settings["model"]
+        key = json.dumps(model, sort_keys=True)
+        if key not in n_params_of:
+            fields = {k: v for k, v in model.items() if k != "preset"}
+            n_params_of[key] = model_summary(ModelConfig.from_preset(model["preset"], **fields))["n_params"]
+        groups[(cell.scale, n_params_of[key], settings["train"]["total_tokens"])] += 1
     rows = []
     for (scale, n_params, tokens), n_cells in groups.items():
         per_cell = gpu_hours(n_params, tokens, mfu)
@@ -50,9 +55,9 @@ def markdown_table(rows: list[dict], mfu: float) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scale']} | {r['n_params'] / 1e6:,.1f}M | {r['tokens'] / 1e6:,.1f}M | {r['cells']} | "
-                     f"{r['gpu_hours_per_cell']:.2f} | {r['gpu_hours']:.1f} |")
+                     f"{r['gpu_hours_per_cell']:.3g} | {r['gpu_hours']:.3g} |")
     total = sum(r["gpu_hours"] for r in rows)
-    lines.append(f"| **all** | | | {sum(r['cells'] for r in rows)} | | **{total:.1f}** |")
+    lines.append(f"| **all** | | | {sum(r['cells'] for r in rows)} | | **{total:.3g}** |")
     lines.append(f"\n6·N·D at {mfu:.0%} MFU of an H100's {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s (bf16, dense).")
     return "\n".join(lines)
 

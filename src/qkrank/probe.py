@@ -222,7 +222,8 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     }
     if snap.get("val_loss") is not None:
         attrs["val_loss"] = float(snap["val_loss"])
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    # No chunk cache: act is written in whole chunks, and a cache would keep them in memory until closing.
+    with atomic_path(out) as tmp, h5py.File(tmp, "w", rdcc_nbytes=0) as f:
         f.attrs.update(attrs)
         writer = None
         if keep_activations:
@@ -244,6 +245,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.settings and not args.cell:
         parser.error("give --cell (with --config) or --settings")
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"qkrank.probe: warning: {message}\n"
     try:
         probe_snapshot(settings_from_args(args), args.data, args.run_dir, args.tokens, args.out)
     except (qconfig.ConfigError, checkpoint.CheckpointError, ProbeError, DataError) as e:

@@ -1,52 +1,137 @@
-"""``results/summary.md``: the study's tables and figures in one Markdown page."""
+"""``results/summary.md``: the verdict, every table and every figure of the study on one Markdown page.
+
+``python -m qkrank.summary --config results/config.json --results results --captions workflow/report
+--figures results/figures/*.png ... --out results/summary.md``. Figure captions are the report's
+(``workflow/report/<figure>.rst``), so the summary and the HTML report say the same thing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_write_text
-from qkrank.figures.style import MODE_LABELS
+from qkrank.figures import FIGURES
+from qkrank.figures.labels import MODE_LABELS, format_tokens
 
-FIGURE_CAPTIONS = {
-    "pr_trajectory": "Mean key participation ratio PR(K) = (Σσ)²/Σσ² over layers and KV heads vs tokens seen.",
-    "loss": "Training (smoothed) and validation loss vs tokens seen.",
-}
+# Table sections in reading order: (heading, file under tables/, what the seed calls it).
+TABLE_SECTIONS = (
+    ("Seed 004 §3.1 summary", "summary_seed004.md", "Initial, minimum and final mean key PR; final losses."),
+    ("Seed 000 token marks", "marks.md", "Validation loss and mean key PR at the configured token marks."),
+    ("Seed 000 “paradox” table", "paradox.md", "Loss beside structure: PR, layer uniformity, spectral "
+                                                "concentration."),
+    ("γ coefficient of variation per layer (seed 004 §5)", "gamma_cv_final.md", "Final checkpoint."),
+    ("Mean query and key PR over training", "mean_pr_ci.md", "Every checkpoint."),
+)
 
 
-def render(config: dict, results: Path, out: Path) -> str:
-    grid = config["grid"]
+class SummaryError(RuntimeError):
+    pass
+
+
+def caption_text(rst: Path) -> str:
+    """A report caption (.rst) as one Markdown paragraph: inline ``code`` becomes `code`, lines are joined."""
+    if not rst.exists():
+        raise SummaryError(f"{rst}: caption file missing; every figure needs workflow/report/<figure>.rst")
+    text = " ".join(line.strip() for line in rst.read_text().splitlines() if line.strip())
+    return re.sub(r"``([^`]+)``", r"`\1`", text)
+
+
+def figure_kind(png: Path, figures_dir: Path) -> tuple[str, str]:
+    """(figure kind, which one) from a path: figures/<kind>.png or figures/<kind>/<scale>/<optimizer>/<mode>.png."""
+    parts = png.relative_to(figures_dir).with_suffix("").parts
+    if len(parts) == 1:
+        return parts[0], ""
+    if len(parts) == 4:
+        scale, optimizer, mode = parts[1:]
+        return parts[0], f"{scale} · {optimizer} · {MODE_LABELS.get(mode, mode)}"
+    raise SummaryError(f"{png}: not a figure path of the form figures/<kind>.png or "
+                       "figures/<kind>/<scale>/<optimizer>/<mode>.png")
+
+
+def verdict_headline(verdicts: list[dict]) -> list[str]:
+    """One bullet per (scale, optimizer): the scenario for final mean key PR, then the floor's for context."""
+    lines = []
+    for v in verdicts:
+        if v["quantity"] != "final_mean_pr":
+            continue
+        floor = next((w for w in verdicts if w["quantity"] == "minimum_mean_pr" and w["scale"] == v["scale"]
+                      and w["optimizer"] == v["optimizer"]), None)
+        extra = f" At the collapse floor the same rule gives: {floor['scenario']}." if floor else ""
+        lines.append(f"- **{v['scale']}, {v['optimizer']}: {v['statement']}** {v['reason']}; point estimates "
+                     f"{v['ordering']}.{extra}")
+    return lines
+
+
+def figure_section(figures: list[Path], results: Path, captions: Path, out: Path) -> list[str]:
+    """Figures grouped by kind, each kind with its caption once, in the order given."""
+    figures_dir = results / "figures"
+    by_kind: dict[str, list[tuple[str, Path]]] = {}
+    for png in figures:
+        kind, which = figure_kind(Path(png), figures_dir)
+        by_kind.setdefault(kind, []).append((which, Path(png)))
+    lines = []
+    for number, (kind, items) in enumerate(by_kind.items(), start=1):
+        caption = caption_text(captions / f"{kind}.rst")
+        title = FIGURES[kind]["title"] if kind in FIGURES else kind
+        lines += [f"### Figure {number}: {title}", "", caption, ""]
+        for which, png in items:
+            rel = os.path.relpath(png, out.parent)
+            lines += ([f"*{which}*", ""] if which else []) + [f"![{kind} {which}".rstrip() + f"]({rel})", ""]
+    return lines
+
+
+def render(config: dict, results: Path, figures: list[Path], captions: Path, out: Path) -> str:
+    grid, agg = config["grid"], config["aggregate"]
     tables = results / "tables"
+    verdicts = json.loads((results / "verdict.json").read_text())
+    marks = ", ".join(format_tokens(m) for m in agg["marks_tokens"]) or "the final checkpoint"
     lines = [
         "# qkrank study summary", "",
         f"Grid: scales {grid['scales']}, modes {grid['modes']}, optimizers {grid['optimizers']}, "
-        f"seeds {grid['seeds']} ({len(qconfig.cells(config))} cells).", "",
+        f"seeds {grid['seeds']} ({len(qconfig.cells(config))} cells). "
         "Modes: " + "; ".join(f"`{m}` = {MODE_LABELS[m]}" for m in grid["modes"]) + ".", "",
-        "## Seed 004 §3.1 summary", "",
-        (tables / "summary_seed004.md").read_text().strip(), "",
-        "## Figures", "",
+        f"PR = (Σσ)²/Σσ² of the key vectors of one head at site `{agg['site']}`; \"mean PR\" averages layers and "
+        f"heads. Intervals: {agg['ci_level']:.0%} Student-t over seeds (none with one seed). Token marks: {marks} "
+        "(nearest checkpoint used, named in each table).", "",
+        "## Verdict (seed 004 §2)", "",
+        *verdict_headline(verdicts), "",
+        f"Rule (docs/verdict.md): two modes *differ* when their intervals are disjoint and their means more than "
+        f"δ = {agg['verdict_margin']:.0%} of their mean apart; they are *equivalent* when the Welch interval of "
+        "their difference lies inside ±δ. A: learned differs from frozen and none, which are equivalent; "
+        "B: learned ≈ frozen, none differs from both; C: all three differ; anything else, or fewer than two "
+        "seeds, is undetermined. Evidence:", "",
+        (tables / "verdict.md").read_text().strip(), "",
     ]
-    for name, caption in FIGURE_CAPTIONS.items():
-        png = results / "figures" / f"{name}.png"
-        if png.exists():
-            lines += [f"![{caption}]({os.path.relpath(png, out.parent)})", "", f"*{caption}*", ""]
+    for heading, name, note in TABLE_SECTIONS:
+        lines += [f"## {heading}", "", note, "", (tables / name).read_text().strip(), ""]
+    lines += ["## Figures", "", *figure_section(figures, results, captions, out)]
+    lines += ["## Files", "", "Tables (CSV for machines, Markdown for people) are in "
+              f"`{os.path.relpath(tables, out.parent)}/`; the verdict with its numbers is "
+              f"`{os.path.relpath(results / 'verdict.json', out.parent)}`; docs/outputs.md describes every column.",
+              ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description="Write the study's summary page (Markdown).")
     qconfig.add_config_args(parser)
     parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--captions", type=Path, required=True, help="folder of the figure captions (.rst)")
+    parser.add_argument("--figures", type=Path, nargs="*", default=[], help="figure PNGs, in display order")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         config = qconfig.load_from_args(args)
-    except qconfig.ConfigError as e:
+        text = render(config, args.results, args.figures, args.captions, args.out)
+    except (qconfig.ConfigError, SummaryError, FileNotFoundError) as e:
         sys.exit(f"qkrank.summary: error: {e}")
-    atomic_write_text(args.out, render(config, args.results, args.out))
+    atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

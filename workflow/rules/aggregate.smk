@@ -1,5 +1,20 @@
-TABLE_NAMES = ["probes", "losses", "gamma", "mean_pr", "summary_seed004_per_seed", "summary_seed004"]
-TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLE_NAMES] + [f"{RESULTS}/tables/summary_seed004.md"]
+# Every probe file and training log → tidy tables, the seeds' tables with intervals, and the verdict.
+# The outputs are listed once, in qkrank.aggregate.OUTPUTS; the module's own code is an input, so
+# editing it re-aggregates (and redraws what depends on the tables) without retraining anything.
+from qkrank.aggregate import OUTPUTS as AGGREGATE_OUTPUTS  # noqa: E402
+
+TABLES = [f"{RESULTS}/{name}" for name in AGGREGATE_OUTPUTS]
+# Small, human-sized tables shown in the report (the tidy long tables stay on disk).
+REPORT_TABLES = ["summary_seed004", "marks", "gamma_cv_final", "mean_pr_ci"]
+
+
+def aggregate_output(path):
+    """An aggregate output, flagged for the report when it is one of REPORT_TABLES' CSVs."""
+    name = Path(path).name
+    if name.endswith(".csv") and name[: -len(".csv")] in REPORT_TABLES:
+        return report(path, caption="../report/tables.rst", category="7 · Tables",
+                      labels={"table": name[: -len(".csv")]})
+    return path
 
 
 rule aggregate:
@@ -7,8 +22,9 @@ rule aggregate:
         config=f"{RESULTS}/config.json",
         probes=probe_files(),
         metrics=[f"{run_dir(cell)}/metrics.csv" for cell in CELLS],
+        code=[f"{SRC}/qkrank/aggregate.py", f"{SRC}/qkrank/verdict.py"],
     output:
-        TABLES,
+        [aggregate_output(path) for path in TABLES],
     log:
         f"{RESULTS}/logs/aggregate.log",
     benchmark:

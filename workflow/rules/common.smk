@@ -8,15 +8,21 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
 from qkrank.atomic import atomic_write_text  # noqa: E402
+from qkrank import verify as qverify  # noqa: E402
 
 try:
     STUDY = qconfig.load(config)
     CELLS = qconfig.cells(STUDY)
     SETTINGS = {cell.id: qconfig.cell_settings(STUDY, cell) for cell in CELLS}
+    qverify.preflight(STUDY)
 except qconfig.ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
 
 RESULTS = STUDY["results_dir"]
+# A corrupt probe file or token shard (killed copy, full disk, bit rot) is deleted here, so this very run
+# rebuilds it instead of trusting it; only the main process does this, never a job's own snakemake.
+if workflow.is_main_process:
+    qverify.clean_corrupt(RESULTS, log=logger.warning)
 DATA = f"{RESULTS}/data"
 RUN = f"{RESULTS}/runs/{{scale}}/{{mode}}/{{optimizer}}/seed{{seed}}"
 CELL_LOG = "{scale}/{mode}/{optimizer}/seed{seed}"

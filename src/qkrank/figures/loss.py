@@ -1,4 +1,4 @@
-"""Training and validation loss vs tokens per mode; seeds as bands (seed 004 Fig. "loss")."""
+"""Figure 1: training and validation loss vs tokens per mode, seeds as bands (seed 004 "loss")."""
 
 from __future__ import annotations
 
@@ -7,43 +7,30 @@ import plotnine as p9
 
 from qkrank.figures import style
 
-SMOOTH_STEPS = 10  # rolling mean of the training loss, in logged steps
+ZOOM_FROM = 0.1  # share of training left out of the plot
+SPLIT_LABELS = {"train": "Training (rolling mean of 10 logged steps)", "validation": "Validation"}
 
 
-def curves(losses: pd.DataFrame) -> pd.DataFrame:
-    frames = []
-    for key, log in losses.groupby(["scale", "optimizer", "mode", "seed"]):
-        log = log.sort_values("tokens_seen")
-        train = log.dropna(subset=["train_loss"])
-        frames.append(pd.DataFrame({"tokens_seen": train.tokens_seen, "loss": train.train_loss.rolling(
-            SMOOTH_STEPS, min_periods=1).mean(), "split": "train (smoothed)"}).assign(
-            **dict(zip(["scale", "optimizer", "mode", "seed"], key, strict=True))))
-        val = log.dropna(subset=["val_loss"])
-        frames.append(pd.DataFrame({"tokens_seen": val.tokens_seen, "loss": val.val_loss, "split": "validation"})
-                      .assign(**dict(zip(["scale", "optimizer", "mode", "seed"], key, strict=True))))
-    frame = pd.concat(frames, ignore_index=True)
-    band = (frame.groupby(["scale", "optimizer", "mode", "split", "tokens_seen"], as_index=False)
-            .loss.agg(mean="mean", low="min", high="max"))
-    return style.facet_label(style.ordered_modes(band))
-
-
-def plot(losses: pd.DataFrame) -> p9.ggplot:
-    band = curves(losses)
-    band = band[band.tokens_seen > 0]
-    facet = "~split" if band.panel.nunique() == 1 else "panel~split"
-    return (p9.ggplot(band, p9.aes("tokens_seen", "mean", color="mode", fill="mode"))
-            + p9.geom_ribbon(p9.aes(ymin="low", ymax="high"), alpha=0.2, color="none")
-            + p9.geom_line(size=0.8)
-            + p9.facet_grid(facet, scales="free_y")
-            + style.mode_scales() + style.tokens_axis()
+def plot(curves: pd.DataFrame) -> p9.ggplot:
+    curves = style.with_band(style.facet_label(style.ordered_modes(curves)))
+    # The first steps fall from log(vocab) and would squash the late differences between modes flat.
+    curves = curves[curves.tokens_seen >= ZOOM_FROM * curves.groupby("panel").tokens_seen.transform("max")].copy()
+    curves["split"] = pd.Categorical(curves["split"].map(SPLIT_LABELS), categories=list(SPLIT_LABELS.values()))
+    facets = ["split"] if curves.panel.nunique() == 1 else ["panel", "split"]
+    return (p9.ggplot(curves, p9.aes("tokens_seen", "mean", color="mode", fill="mode"))
+            + p9.geom_ribbon(p9.aes(ymin="low", ymax="high"), alpha=0.25, color="none")
+            + p9.geom_line(size=0.7)
+            + p9.facet_wrap(facets, ncol=2, scales="free_y")
+            + style.mode_scales() + style.tokens_axis(curves.tokens_seen)
             + p9.labs(y="Cross-entropy loss (nats/token)", title="Training and validation loss",
-                      subtitle="band: range over seeds")
+                      subtitle=f"Mean over seeds; {style.band_note(curves)}\n"
+                               f"First {ZOOM_FROM:.0%} of training not shown")
             + style.theme())
 
 
 def main(argv=None) -> None:
     args = style.cli(__doc__).parse_args(argv)
-    style.save(plot(pd.read_csv(args.tables / "losses.csv")), args.out)
+    style.save(plot(pd.read_csv(args.tables / "loss_curves.csv")), args.out)
 
 
 if __name__ == "__main__":

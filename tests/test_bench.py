@@ -1,0 +1,160 @@
+"""The benchmark suite: quick mode runs end to end, its FLOP count is right, its naive model is the same model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, env_with_src
+from torch.utils.flop_counter import FlopCounterMode
+
+from qkrank import bench
+from qkrank.model import GPT, ModelConfig
+
+SMALL = {"vocab_size": 96, "n_layers": 2, "max_seq_len": 64}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "qkrank.bench", "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env_with_src(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_mode_writes_sane_positive_numbers(quick_results):
+    out, proc = quick_results
+    training = json.loads((out / "training.json").read_text())
+    for model in ("real", "naive"):
+        for key in ("step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
+            assert _positive(training[model][key]), (model, key, training[model][key])
+    assert _positive(training["fp32_matmul_peak_flops"]) and _positive(training["speedup_over_naive"])
+    assert training["flops_formula"] == bench.FLOPS_FORMULA and training["machine"]["threads"] == 1
+    probe = json.loads((out / "probe.json").read_text())
+    assert _positive(probe["cost"]["interval_train_s"]) and _positive(probe["cost"]["probe_cost_ratio"])
+    runs = probe["memory"]["runs"]
+    assert [r["probe_tokens"] for r in runs] == [runs[0]["probe_tokens"] * 2**i for i in range(len(runs))]
+    assert all(_positive(r["peak_rss_mb"]) and _positive(r["job_startup_s"]) for r in runs)
+    workflow = json.loads((out / "workflow.json").read_text())
+    assert workflow["n_jobs"] > 10 and _positive(workflow["dry_run_s"])
+    gpu = json.loads((out / "gpu.json").read_text())
+    if not torch.cuda.is_available():
+        assert "skipped" in gpu and "runs" not in gpu, "without CUDA nothing may be reported for the GPU"
+        assert "CUDA is not available" in proc.stderr
+    table = (out / "bench.md").read_text()
+    assert table in proc.stdout and "CPU MFU vs fp32 matmul peak" in table and "`snakemake -n`" in table
+
+
+def _counted_flops(model, idx) -> int:
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_flop_formula_equals_torch_flop_counter():
+    """6·N + 12·L·d·T per token is what torch counts for one forward+backward of the naive model, whose
+    attention is plain matmuls; the fused model counts the same where torch counts its SDPA kernel."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", **SMALL))
+    batch, seq_len = 3, 48
+    idx = torch.randint(0, SMALL["vocab_size"], (batch, seq_len + 1))
+    per_token = bench.model_flops_per_token(model.cfg, bench.matmul_params(model), seq_len)
+    tokens = batch * seq_len
+    assert _counted_flops(bench.naive_copy(model), idx) == per_token["total"] * tokens
+    # torch's counter has no formula for the CPU flash-attention kernel: there it sees the dense part only.
+    assert _counted_flops(model, idx) in (per_token["total"] * tokens, per_token["dense"] * tokens)
+
+
+def test_matmul_params_counts_every_linear_weight_once():
+    cfg = ModelConfig.from_preset("tiny", **SMALL)
+    d, kv, ff = cfg.d_model, cfg.kv_dim, cfg.d_ff
+    per_layer = 2 * d * d + 2 * d * kv + 2 * d * ff
+    expected = cfg.n_layers * per_layer + cfg.vocab_size * d  # the (tied) output head once
+    assert bench.matmul_params(GPT(cfg)) == expected
+
+
+@pytest.mark.parametrize("mode", ["learned", "frozen", "none"])
+def test_naive_model_computes_the_same_logits(mode):
+    torch.manual_seed(1)
+    model = GPT(ModelConfig.from_preset("tiny", norm_mode=mode, **SMALL))
+    for block in model.blocks:  # non-trivial γ, so the norms are exercised too
+        if block.attn.q_norm is not None:
+            block.attn.q_norm.weight.data.uniform_(0.5, 1.5)
+    naive = bench.naive_copy(model)
+    assert all(type(b.attn) is bench.NaiveAttention for b in naive.blocks)
+    assert all(type(b.attn) is not bench.NaiveAttention for b in model.blocks)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(naive(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_path_runs_on_cpu_with_a_tiny_config():
+    result = bench.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=2, seq_len=32, steps=2, warmup=1,
+                                bf16=False, compile_model=False, peak_flops=1e11, overrides=SMALL)
+    assert result["attempts"] == [{"micro_batch": 2, "grad_accum": 2, "fits": True}]
+    assert result["tokens_per_step"] == 2 * 2 * 32 and len(result["step_s_all"]) == 2
+    for key in ("step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
+        assert _positive(result[key]), key
+
+
+def test_gpu_path_halves_the_micro_batch_when_out_of_memory(monkeypatch):
+    measure = bench._measure_attempt
+
+    def fits_only_two(cfg, device, micro_batch, *args):
+        if micro_batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return measure(cfg, device, micro_batch, *args)
+
+    monkeypatch.setattr(bench, "_measure_attempt", fits_only_two)
+    result = bench.gpu_training("tiny", device="cpu", micro_batch=8, grad_accum=1, seq_len=16, steps=1, warmup=1,
+                                bf16=False, compile_model=False, overrides=SMALL)
+    assert [(a["micro_batch"], a["grad_accum"], a["fits"]) for a in result["attempts"]] == [
+        (8, 1, False), (4, 2, False), (2, 4, True)]
+    assert result["tokens_per_step"] == 8 * 16 and result["micro_batch"] * result["grad_accum"] == 8
+
+
+def test_gpu_path_falls_back_to_eager_when_the_compiled_step_fails(monkeypatch, capsys):
+    from qkrank.model import Block
+
+    def broken_compile(self, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("inductor exploded (simulated)")
+        self.forward = fail
+
+    monkeypatch.setattr(Block, "compile", broken_compile)
+    result = bench.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=1, seq_len=16, steps=1, warmup=1,
+                                bf16=False, compile_model=True, overrides=SMALL)
+    assert result["compile"].startswith("failed (RuntimeError: inductor exploded") and result["compile"].endswith(
+        "eager")
+    assert _positive(result["tokens_per_s"])
+    assert "torch.compile failed" in capsys.readouterr().err
+
+
+def test_gpu_peak_comes_from_the_device_name_or_the_override(monkeypatch):
+    monkeypatch.delenv(bench.PEAK_ENV, raising=False)
+    assert bench.gpu_spec_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert bench.gpu_spec_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert bench.gpu_spec_peak("NVIDIA H200")[0] == 989e12
+    peak, source = bench.gpu_spec_peak("Some Future GPU")
+    assert peak is None and bench.PEAK_ENV in source
+    monkeypatch.setenv(bench.PEAK_ENV, "500")
+    assert bench.gpu_spec_peak("NVIDIA H100 PCIe") == (500e12, f"${bench.PEAK_ENV}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_script_skips_without_cuda_and_says_so(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(tmp_path)], capture_output=True, text=True,
+                          env=env_with_src(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA is not available" in proc.stderr
+    assert "skipped" in json.loads((tmp_path / "gpu.json").read_text())

@@ -1,0 +1,155 @@
+"""The seeds' configs in configs/: valid, faithful to the seeds, and a full offline DAG for each."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qkrank import config as qconfig
+from qkrank import gpu_hours
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {path.stem: path for path in sorted((REPO / "configs").glob("*.yaml"))}
+M = 1_000_000
+
+
+def load(name: str) -> dict:
+    return qconfig.load(CONFIGS[name])
+
+
+def settings(config: dict, cell_id: str) -> dict:
+    return qconfig.cell_settings(config, qconfig.Cell.parse(cell_id))
+
+
+def test_every_seed_config_is_there():
+    assert {"seed000_88m", "seed004_1p5b", "next_steps"} <= set(CONFIGS)
+
+
+def offline_env() -> dict:
+    """An environment in which any attempt to reach the Hub or the network fails at once."""
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """``snakemake -n --configfile configs/X.yaml`` for every config, run side by side, offline, in empty dirs."""
+    procs = {}
+    for name, path in CONFIGS.items():
+        workdir = tmp_path_factory.mktemp(f"dry_{name}")
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(path), "-n", "--quiet", "rules", "--cores", "1"]
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=offline_env()), workdir)
+    results = {}
+    for name, (proc, workdir) in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), workdir)
+    return results
+
+
+def job_counts(output: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, flags=re.M)}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dry_run_builds_the_whole_dag_offline(dry_runs, name):
+    proc, workdir = dry_runs[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = load(name)
+    cells = qconfig.cells(config)
+    counts = job_counts(proc.stdout + proc.stderr)
+    probes = sum(len(qconfig.checkpoint_tokens(qconfig.cell_settings(config, c))) for c in cells)
+    assert counts["data"] == 1 and counts["train"] == len(cells) and counts["cell_settings"] == len(cells)
+    assert counts["probe"] == probes
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    # Nothing was read or written: the data is fetched by the data job, never while the DAG is built.
+    assert not (workdir / config["results_dir"]).exists()
+
+
+def test_seed000_matches_the_seed():
+    config = load("seed000_88m")
+    assert config["grid"] == {"scales": ["88m"], "modes": ["learned", "none"], "optimizers": ["muon"], "seeds": [0]}
+    assert config["data"]["hf"]["sources"][0]["path"] == "HuggingFaceFW/fineweb-edu"
+    s = settings(config, "88m/learned/muon/seed0")
+    marks = qconfig.checkpoint_tokens(s)
+    assert abs(s["train"]["total_tokens"] - 25 * M) < 0.01 * 25 * M
+    assert abs(s["train"]["checkpoint_every_tokens"] - M) < 0.01 * M  # probe every ≈1M tokens
+    for mark in (4 * M, 16 * M, 25 * M):  # the seed's PR marks are snapshots, within 1%
+        assert min(abs(t - mark) for t in marks) < 0.01 * mark
+    assert sorted(config["aggregate"]["marks_tokens"]) == [4 * M, 16 * M, 25 * M]
+
+
+def test_seed004_matches_the_seed():
+    config = load("seed004_1p5b")
+    assert config["grid"]["modes"] == ["learned", "frozen", "none"] and config["grid"]["scales"] == ["1.5b"]
+    assert [s["path"] for s in config["data"]["hf"]["sources"]] == ["HuggingFaceFW/fineweb-edu",
+                                                                    "HuggingFaceTB/cosmopedia"]
+    s = settings(config, "1.5b/learned/muon/seed0")
+    train = s["train"]
+    assert (train["micro_batch"], train["grad_accum"], train["seq_len"]) == (8, 4, 2048)
+    assert qconfig.tokens_per_step(train) == 65_536
+    # "Every 120 steps, ≈ 2M tokens" are micro-steps of 8 × 2048 tokens, and there are 26 points incl. 0.
+    assert train["checkpoint_every_tokens"] == 120 * 8 * 2048
+    assert len(qconfig.checkpoint_tokens(s)) == 26
+    assert abs(train["total_tokens"] - 49 * M) < 0.01 * 49 * M
+    assert config["data"]["train_tokens"] == 1000 * M  # the seed's 1B-token subset
+
+
+def test_next_steps_grid():
+    config = load("next_steps")
+    grid = config["grid"]
+    assert len(grid["seeds"]) >= 3 and {"muon", "adamw"} <= set(grid["optimizers"])
+    assert set(grid["modes"]) == {"learned", "frozen", "none"}
+    for cell in qconfig.cells(config):
+        s = qconfig.cell_settings(config, cell)
+        assert abs(s["train"]["total_tokens"] - 250 * M) < 0.01 * 250 * M
+        if cell.optimizer == "adamw":  # the baseline's own learning rate reaches every AdamW cell
+            assert s["optim"]["adamw"]["lr"] < config["scales"][cell.scale]["optim"]["adamw"]["lr"]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cluster_settings_are_consistent(name):
+    config = load(name)
+    assert (config["data"]["tokenizer"]["kind"], config["data"]["tokenizer"]["name_or_path"]) == ("pretrained", "gpt2")
+    for cell in qconfig.cells(config):
+        s = qconfig.cell_settings(config, cell)
+        res = s["resources"]
+        assert res["train"]["gpus"] >= s["train"]["nproc"]  # a torchrun cell has a GPU per process
+        assert s["probe"]["save_activations"] is False
+        assert s["train"]["bf16"] == s["train"]["compile"] == "auto"
+        large = s["model"]["preset"] == "1.5b"
+        assert (res["probe"]["gpus"] >= 1) == large and (s["probe"]["device"] == "cuda") == large
+        assert s["model"].get("vocab_size", 50257) >= 50257  # GPT-2's tokenizer fits the embedding
+
+
+# ---------------------------------------------------------------- GPU-hours
+
+def test_gpu_hours_formula_by_hand():
+    # 6 · 1e9 · 1e9 = 6e18 FLOPs at 50% of 989 TFLOP/s: 6e18 / 4.945e14 s = 3.370 h.
+    assert gpu_hours.training_flops(10**9, 10**9) == 6e18
+    assert gpu_hours.gpu_hours(10**9, 10**9, mfu=0.5) == pytest.approx(6e18 / 4.945e14 / 3600)
+    assert gpu_hours.gpu_hours(10**9, 10**9, mfu=0.5) == pytest.approx(3.3704, rel=1e-4)
+
+
+def test_gpu_hours_of_the_seed004_study():
+    rows = gpu_hours.study_rows(load("seed004_1p5b"), mfu=0.4)
+    assert len(rows) == 1 and rows[0]["cells"] == 3
+    from qkrank.model import GPT, ModelConfig
+
+    import torch
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(ModelConfig.from_preset("1.5b")).parameters())
+    assert rows[0]["n_params"] == n_params
+    assert rows[0]["gpu_hours"] == pytest.approx(3 * 6 * n_params * 49_152_000 / (0.4 * 989e12) / 3600)
+    table = gpu_hours.markdown_table(rows, 0.4)
+    assert "| 1.5b |" in table and "40% MFU" in table
