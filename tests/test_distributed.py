@@ -38,6 +38,7 @@ def _torchrun(config_path: Path, data: Path, out: Path, **env) -> subprocess.Com
     return subprocess.run(cmd, env=base | env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_after_kill(tmp_path, micro_data):
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]

@@ -79,6 +79,7 @@ def _interrupted_by_nan(run_dir: Path, micro_data: Path, monkeypatch, nan_step: 
     return str(err.value)
 
 
+@pytest.mark.slow
 def test_kill_minus_9_at_a_random_step_then_rerun_is_bitwise_identical(tmp_path, micro_data, clean_run):
     config_path = write_config(tmp_path / "config.yaml", micro_config())
     out = tmp_path / "run"
@@ -120,6 +121,7 @@ def test_stop_signal_checkpoints_then_resume_is_bitwise_identical(tmp_path, micr
     assert_same_run(clean_run, out)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_writes_a_checkpoint_and_exits_75(tmp_path, micro_data):
     """What SLURM does before the time limit (SIGUSR1 takes the same path: see the in-process test above)."""
     cfg = micro_config()
@@ -218,6 +220,7 @@ def test_checkpoint_with_a_code_payload_is_refused_and_never_run(tmp_path, write
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_workflow_rerun_after_a_killed_train_job_resumes_to_the_same_result(tmp_path, micro_data, clean_run,
                                                                              monkeypatch):
     """The real workflow: a train job dies (kill -9), the same snakemake command is run again."""

@@ -22,6 +22,7 @@ from qkrank import config as qconfig
 from qkrank import verdict
 from qkrank.atomic import atomic_path, atomic_write_text
 from qkrank.figures.labels import MODE_LABELS, TENSOR_LABELS, format_tokens, ordered
+from qkrank.probe import SCHEMA_VERSION as PROBE_SCHEMA_VERSION
 from qkrank.rank import METRICS, top_energy_share
 
 CELL_COLUMNS = ["scale", "mode", "optimizer", "seed"]
@@ -58,22 +59,28 @@ FRAME_COLUMNS = {
 
 
 def _frame(columns: dict[str, list[np.ndarray]], ident: dict) -> pd.DataFrame:
-    frame = pd.DataFrame({k: np.concatenate(v) if v else np.array([]) for k, v in columns.items()})
-    for i, (key, value) in enumerate(ident.items()):
-        frame.insert(i, key, value)
-    return frame
+    """One frame from per-block column arrays, the file's identity repeated on every row."""
+    data = {k: np.concatenate(v) if v else np.array([]) for k, v in columns.items()}
+    n = len(next(iter(data.values())))
+    return pd.DataFrame({k: np.repeat(np.asarray([v]), n) for k, v in ident.items()} | data)
 
 
 def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                spectrum_site: str = "roped") -> dict[str, pd.DataFrame]:
     """One probe file → metric rows (per head), γ rows (per entry) and, given ``depths``, normalised spectra."""
+    if not Path(path).is_file():
+        raise AggregateError(f"{path}: probe file is missing; run the workflow to probe this checkpoint")
     try:
         f = h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as e:
+    except OSError as e:
         raise AggregateError(f"{path}: unreadable HDF5 ({e}); delete it and rerun the workflow to re-probe") from None
     with f:
         if not f.attrs.get("complete", False):
-            raise AggregateError(f"{path}: incomplete probe file; delete it and rerun the workflow")
+            raise AggregateError(f"{path}: incomplete probe file (no 'complete' attribute); delete it and rerun "
+                                 "the workflow")
+        if f.attrs.get("schema_version") != PROBE_SCHEMA_VERSION:
+            raise AggregateError(f"{path}: probe schema version {f.attrs.get('schema_version')}, this qkrank reads "
+                                 f"{PROBE_SCHEMA_VERSION}; delete it and rerun the workflow to re-probe")
         ident = {"scale": str(f.attrs["scale"]), "mode": str(f.attrs["mode"]),
                  "optimizer": str(f.attrs["optimizer"]), "seed": int(f.attrs["seed"]),
                  "tokens_seen": int(f.attrs["tokens_seen"])}
@@ -347,12 +354,12 @@ def _table(header: list[str], rows: list[list[str]], align: str = ":---:") -> li
         "| " + " | ".join(r) + " |" for r in rows]
 
 
-def _mode_header(block: pd.DataFrame, modes: list[str]) -> list[str]:
-    out = []
-    for mode in modes:
-        n = block.loc[block["mode"] == mode, "n_seeds"]
-        out.append(f"{MODE_LABELS[mode]} (n={int(n.max())})" if len(n) else MODE_LABELS[mode])
-    return out
+def _mode_legend(modes) -> str:
+    return "; ".join(f"{m} = {MODE_LABELS[m]}" for m in ordered(modes))
+
+
+def _seeds_row(block: pd.DataFrame, modes: list[str]) -> list[str]:
+    return ["Seeds (n)"] + [str(int(block.loc[block["mode"] == m, "n_seeds"].max())) for m in modes]
 
 
 def summary_markdown(summary: pd.DataFrame, level: float) -> str:
@@ -360,7 +367,7 @@ def summary_markdown(summary: pd.DataFrame, level: float) -> str:
     parts = []
     for (scale, optimizer), block in summary.groupby(["scale", "optimizer"], sort=False):
         modes = ordered(block["mode"])
-        rows = []
+        rows = [_seeds_row(block, modes)]
         for quantity in SUMMARY_ROWS:
             cells = []
             for mode in modes:
@@ -376,8 +383,8 @@ def summary_markdown(summary: pd.DataFrame, level: float) -> str:
             rows.append([SUMMARY_LABELS[quantity]] + cells)
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** ({note}; key PR at the configured site; the minimum's "
-                                "token count is that of the seed-averaged trajectory)", "",
-                                *_table(["Metric"] + _mode_header(block, modes), rows)]))
+                                f"token count is that of the seed-averaged trajectory). {_mode_legend(modes)}.", "",
+                                *_table(["Metric"] + modes, rows)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -403,7 +410,7 @@ def marks_markdown(marks: pd.DataFrame, level: float) -> str:
             header.append(f"PR change {format_tokens(mark_list[0])} → {format_tokens(mark_list[-1])}")
         rows = []
         for mode in modes:
-            row = [MODE_LABELS[mode]] + [_mark_cell(block, mode, m, "val_loss", 3) for m in mark_list] + \
+            row = [mode] + [_mark_cell(block, mode, m, "val_loss", 3) for m in mark_list] + \
                 [_mark_cell(block, mode, m, "mean_pr", 2) for m in mark_list]
             if len(mark_list) > 1:
                 pr = block[(block["mode"] == mode) & (block.quantity == "mean_pr")].set_index("mark_tokens")["mean"]
@@ -411,7 +418,7 @@ def marks_markdown(marks: pd.DataFrame, level: float) -> str:
             rows.append(row)
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** ({note}). Marks → nearest checkpoint used: "
-                                f"{_checkpoint_note(block)}.", "", *_table(header, rows)]))
+                                f"{_checkpoint_note(block)}. {_mode_legend(modes)}.", "", *_table(header, rows)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -432,15 +439,15 @@ def paradox_markdown(marks: pd.DataFrame, level: float, top_fraction: float) -> 
                     + [_mark_cell(block, mode, last, "spectral_concentration", 3) for mode in modes])
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** ({note}). Marks → nearest checkpoint used: "
-                                f"{_checkpoint_note(block)}.", "",
-                                *_table(["What was measured"] + [MODE_LABELS[m] for m in modes], rows)]))
+                                f"{_checkpoint_note(block)}. {_mode_legend(modes)}.", "",
+                                *_table(["What was measured"] + modes, rows)]))
     return "\n\n".join(parts) + "\n"
 
 
 def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: list[str]) -> str:
     """Seed 004 §5: γ CV per layer (rows) for q and k of each mode with γ (columns), at the final checkpoint."""
-    without = [MODE_LABELS[m] for m in ordered(all_modes) if m not in set(final["mode"])]
-    tail = f" {', '.join(without)}: no γ (no norm)." if without else ""
+    without = [m for m in ordered(all_modes) if m not in set(final["mode"])]
+    tail = f" {', '.join(without)}: no γ (no QK-Norm)." if without else ""
     if final.empty:
         return f"No mode of this study has γ.{tail}\n"
     parts = []
@@ -455,8 +462,8 @@ def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: list[str]) -
             rows.append(row)
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** (CV = std/mean of the γ entries of one layer; {note}; "
-                                f"frozen γ = 1 gives exactly 0).{tail}", "",
-                                *_table(["Layer"] + [f"{MODE_LABELS[m]}, γ_{t}" for m, t in columns], rows)]))
+                                f"frozen γ = 1 gives exactly 0).{tail} {_mode_legend(block['mode'])}.", "",
+                                *_table(["Layer"] + [f"{m} γ_{t}" for m, t in columns], rows)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -473,9 +480,9 @@ def mean_pr_markdown(bands: pd.DataFrame, level: float) -> str:
                 row.append("–" if r.empty else _estimate(r.iloc[0], 2))
             rows.append(row)
         note = _interval_note(int(block.n_seeds.min()), level)
-        parts.append("\n".join([f"**{scale}, {optimizer}** (PR averaged over layers and heads; {note})", "",
-                                *_table(["Tokens seen"] + [f"{MODE_LABELS[m]}, {TENSOR_LABELS[t]}"
-                                                           for m, t in columns], rows)]))
+        parts.append("\n".join([f"**{scale}, {optimizer}** (PR averaged over layers and heads; {note}). "
+                                f"{_mode_legend(block['mode'])}.", "",
+                                *_table(["Tokens seen"] + [f"{m} {TENSOR_LABELS[t]}" for m, t in columns], rows)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -514,7 +521,7 @@ def verdict_markdown(results: list[dict]) -> str:
         level = v["ci_level"]
         lines = [f"**{v['scale']}, {v['optimizer']} — {v['quantity_label']}: {v['statement']}**", "",
                  f"Reason: {v['reason']}. Point estimates: {v['ordering']}.", ""]
-        mode_rows = [[MODE_LABELS.get(m, m), format_estimate(e["mean"], e["ci_low"], e["ci_high"], e["n"], 2),
+        mode_rows = [[m, format_estimate(e["mean"], e["ci_low"], e["ci_high"], e["n"], 2),
                       "–" if not np.isfinite(e["ci_low"]) else f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]", str(e["n"])]
                      for m, e in v["modes"].items()]
         lines += _table(["Mode", "Mean", f"{level:.0%} t-interval", "n"], mode_rows)

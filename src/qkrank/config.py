@@ -84,10 +84,14 @@ def _validated(instance: dict, schema: dict, prefix: str = "") -> dict:
         errors = sorted(validator.iter_errors(out), key=lambda e: list(e.absolute_path))
         if errors:
             error = errors[0]
-            hint = ""
-            if error.validator == "additionalProperties" and error.schema.get("properties"):
-                hint = f"; valid keys: {sorted(error.schema['properties'])}"
-            raise ConfigError(f"config field '{prefix + _field_path(error)}': {error.message}{hint}")
+            field = prefix + _field_path(error)
+            known = error.schema.get("properties")
+            if error.validator == "additionalProperties" and known and isinstance(error.instance, dict):
+                # Name the unknown key itself, and the keys that would be valid in its place.
+                unknown = sorted(k for k in error.instance if k not in known)[0]
+                field = f"{field}.{unknown}" if error.absolute_path else prefix + unknown
+                raise ConfigError(f"config field '{field}': unknown key; valid keys here: {sorted(known)}")
+            raise ConfigError(f"config field '{field}': {error.message}")
     return out
 
 

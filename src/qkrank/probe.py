@@ -204,11 +204,15 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     model = GPT(model_cfg)
     model.load_state_dict(snap["model"])
     model.to(device)
-    windows = probe_batch(TokenShards(data_dir), probe_cfg, settings["train"]["seq_len"])
+    shards = TokenShards(data_dir)
+    windows = probe_batch(shards, probe_cfg, settings["train"]["seq_len"])
     n_tokens = int(windows.size)
     message = small_batch_message(n_tokens, model_cfg.head_dim)
     if message:
         warnings.warn(message, ProbeWarning, stacklevel=2)
+    if n_tokens > len(shards.splits["val"]):
+        warnings.warn(f"probe batch of {n_tokens} tokens is larger than the val split ({len(shards.splits['val'])} "
+                      f"tokens): its windows overlap; lower probe.n_sequences or add data", ProbeWarning, stacklevel=2)
     keep_activations = saves_activations(probe_cfg["save_activations"], model_cfg, n_tokens)
     attrs = {
         "scale": cell["scale"], "mode": cell["mode"], "optimizer": cell["optimizer"], "seed": cell["seed"],
@@ -245,11 +249,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.settings and not args.cell:
         parser.error("give --cell (with --config) or --settings")
-    warnings.formatwarning = lambda message, *_args, **_kwargs: f"qkrank.probe: warning: {message}\n"
     try:
-        probe_snapshot(settings_from_args(args), args.data, args.run_dir, args.tokens, args.out)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            probe_snapshot(settings_from_args(args), args.data, args.run_dir, args.tokens, args.out)
     except (qconfig.ConfigError, checkpoint.CheckpointError, ProbeError, DataError) as e:
         sys.exit(f"qkrank.probe: error: {e}")
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"qkrank.probe: warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -104,13 +104,13 @@ def scenario(values_by_mode: dict[str, list[float]], level: float, margin_fracti
     missing = [m for m in VERDICT_MODES if m not in values_by_mode]
     if missing:
         return result | {"scenario": "undetermined", "statement": STATEMENTS["undetermined"],
-                         "reason": f"needs all of {list(VERDICT_MODES)}; missing {missing}"}
+                         "reason": f"needs all of {', '.join(VERDICT_MODES)}; missing {', '.join(missing)}"}
     pairs = [pair_relation(values_by_mode[a], values_by_mode[b], level, margin_fraction, (a, b)) for a, b in PAIRS]
     result["pairs"] = [asdict(p) for p in pairs]
     relations = tuple(p.relation for p in pairs)
     few = [m for m in VERDICT_MODES if modes[m]["n"] < 2]
     if few:
-        reason = f"fewer than 2 seeds for {few}: no confidence interval"
+        reason = f"fewer than 2 seeds for {', '.join(few)}: no confidence interval"
     else:
         reason = "; ".join(f"{p.a} vs {p.b}: {p.relation}" for p in pairs)
     for name, pattern in SCENARIOS.items():

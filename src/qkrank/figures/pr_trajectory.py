@@ -20,14 +20,16 @@ def minima(bands: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def minimum_labels(lows: pd.DataFrame, nudge_y: float) -> list:
-    """Text beside each minimum, on the side with room, just below the marker."""
+def minimum_labels(lows: pd.DataFrame, nudge_x: float, nudge_y: float) -> list:
+    """Text beside each minimum, on the side with room, just below the marker; one label per distinct text."""
+    lows = lows.drop_duplicates(["panel", "label"])
     layers = []
-    for right, ha in ((False, "left"), (True, "right")):
+    for right, ha, sign in ((False, "left", 1), (True, "right", -1)):
         rows = lows[lows.right == right]
         if len(rows):
-            layers.append(p9.geom_text(p9.aes(label="label"), data=rows, ha=ha, va="top", nudge_y=-nudge_y,
-                                       size=7, show_legend=False))
+            layers.append(p9.geom_label(p9.aes(label="label"), data=rows, ha=ha, va="top", nudge_x=sign * nudge_x,
+                                        nudge_y=-nudge_y, size=7, fill="white", alpha=0.85, label_size=0,
+                                        show_legend=False))
     return layers
 
 
@@ -40,7 +42,7 @@ def plot(mean_pr_ci: pd.DataFrame) -> p9.ggplot:
          + p9.geom_line(size=0.8)
          + p9.geom_point(size=1.2)
          + p9.geom_point(data=lows, shape="v", size=4, show_legend=False)
-         + minimum_labels(lows, 0.01 * (bands["high"].max() - bands["low"].min() + 1e-9) + 0.01)
+         + minimum_labels(lows, 0.01 * bands.tokens_seen.max(), 0.01 * (bands["high"].max() - bands["low"].min()))
          + style.mode_scales() + style.tokens_axis(bands.tokens_seen)
          + p9.labs(y="Mean key participation ratio PR(K)", title="Key rank: collapse and recovery",
                    subtitle=f"PR = (Σσ)²/Σσ², mean over layers and KV heads and over seeds\n"

@@ -1,0 +1,99 @@
+"""Every figure module draws from aggregated tables: PNG and PDF, several scales, one mode, one seed."""
+
+from __future__ import annotations
+
+import importlib
+import struct
+
+import pandas as pd
+import pytest
+from test_aggregate import build_study, synthetic_config
+
+from qkrank import aggregate as agg
+from qkrank import config as qconfig
+from qkrank.figures import FIGURES, figure_modes, style
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels from the PNG header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+def two_scale_config() -> dict:
+    """Two scales of different depth and two seeds: facets, bands and per-scale colour scales."""
+    cfg = synthetic_config(scales=("tiny", "deeper"), seeds=(0, 1))
+    raw = {k: cfg[k] for k in ("grid", "data", "aggregate")} | {"scales": dict(cfg["scales"])}
+    raw["scales"]["deeper"] = qconfig.deep_merge(raw["scales"]["tiny"], {"model": {"n_layers": 3}})
+    return qconfig.load(raw)
+
+
+@pytest.fixture(scope="module")
+def tables_dirs(tmp_path_factory):
+    """Aggregated tables of a two-scale, two-seed study and of a one-mode ('none'), one-seed study."""
+    dirs = {}
+    for name, cfg in (("full", two_scale_config()), ("minimal", synthetic_config(modes=["none"], seeds=[0]))):
+        results = build_study(tmp_path_factory.mktemp(name), cfg)
+        agg.aggregate(cfg, results)
+        dirs[name] = (cfg, results / "tables")
+    return dirs
+
+
+def cli_args(name: str, cfg: dict, tables, out_dir) -> list[list[str]]:
+    """The command lines the workflow gives a figure module: one per (scale, optimizer, mode) if per-mode."""
+    if "per_mode" not in FIGURES[name]:
+        return [["--tables", str(tables), "--out", str(out_dir / f"{name}.png")]]
+    grid = cfg["grid"]
+    modes = figure_modes(name, grid["modes"]) or ["learned"]  # a study without the mode draws a blank figure
+    return [["--tables", str(tables), "--out", str(out_dir / f"{name}_{s}_{o}_{m}.png"),
+             "--scale", s, "--optimizer", o, "--mode", m]
+            for s in grid["scales"] for o in grid["optimizers"] for m in modes]
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_figure_writes_png_and_pdf(name, tables_dirs, tmp_path):
+    cfg, tables = tables_dirs["full"]
+    module = importlib.import_module(f"qkrank.figures.{name}")
+    for args in cli_args(name, cfg, tables, tmp_path):
+        module.main(args)
+        out = tmp_path / args[3].split("/")[-1]
+        width, height = png_size(out)
+        assert width >= 1000 and height >= 500, (width, height)
+        assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    assert not list(tmp_path.glob(".*.tmp")), "written atomically"
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_figure_draws_for_one_mode_and_one_seed(name, tables_dirs, tmp_path):
+    """With one seed the bands collapse to lines; with no γ the γ figures say so instead of failing."""
+    cfg, tables = tables_dirs["minimal"]
+    module = importlib.import_module(f"qkrank.figures.{name}")
+    for args in cli_args(name, cfg, tables, tmp_path):
+        parsed = style.cli("", per_mode="per_mode" in FIGURES[name]).parse_args(args)
+        frames = [pd.read_csv(tables / f"{t}.csv") for t in FIGURES[name]["tables"]]
+        selection = (parsed.scale, parsed.optimizer, parsed.mode) if "per_mode" in FIGURES[name] else ()
+        plot = module.plot(*frames, *selection)
+        plot.draw()
+        text = " ".join(str(plot.labels.get(k, "")) for k in ("title", "subtitle"))
+        if name.startswith("gamma"):
+            assert "γ" in text
+        elif name != "spectral_decay":
+            assert "one seed" in text, text
+
+
+def test_with_band_collapses_to_the_mean_without_an_interval():
+    frame = pd.DataFrame({"mean": [1.0, 2.0], "ci_low": [0.5, float("nan")], "ci_high": [1.5, float("nan")]})
+    banded = style.with_band(frame)
+    assert banded.low.tolist() == [0.5, 2.0] and banded.high.tolist() == [1.5, 2.0]
+
+
+def test_per_mode_figures_cover_the_modes_that_have_something_to_show():
+    assert figure_modes("layer_heatmap", ["none", "learned"]) == ["none", "learned"]
+    assert figure_modes("gamma_distribution", ["frozen", "none"]) == []
+    assert figure_modes("gamma_distribution", ["learned", "none"]) == ["learned"]
+
+
+def test_token_axis_unit_follows_the_study_length():
+    assert style.token_unit(983_040) == (1e3, "thousands")
+    assert style.token_unit(49_000_000) == (1e6, "millions")
