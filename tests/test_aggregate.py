@@ -279,7 +279,7 @@ def test_seed004_summary_against_numpy(two_seed_study):
 def test_marks_and_paradox_use_the_nearest_checkpoint(two_seed_study):
     cfg, results, tables = two_seed_study
     marks = tables["marks_per_seed"]
-    assert set(zip(marks.mark_tokens, marks.checkpoint_tokens)) == {(600, 512), (2048, 2048)}
+    assert set(zip(marks.mark_tokens, marks.checkpoint_tokens, strict=True)) == {(600, 512), (2048, 2048)}
     cell = qconfig.cells(cfg)[0]
     row = marks[(marks["mode"] == cell.mode) & (marks.seed == cell.seed) & (marks.mark_tokens == 600)].iloc[0]
     per_layer = key_pr_of(results, cell, 512).mean(axis=1)

@@ -182,16 +182,21 @@ def _flip_bit(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_truncated_token_shard_is_deleted_at_parse_time_and_rebuilt_for_its_readers(reference, tmp_path):
+def test_corrupt_shard_and_probe_file_are_deleted_at_parse_time_and_replanned(reference, tmp_path):
     workdir, configfile = _copy_study(reference, tmp_path)
-    data = workdir / "results" / "data"
+    data, probe = workdir / "results" / "data", workdir / "results" / "runs" / CELL / "probe" / "512.h5"
     (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-2])
+    probe.write_bytes(b"\0" * 64 + probe.read_bytes()[64:])  # the HDF5 superblock wiped
     # what every reader of the data (train, probe) asks for: the manifest
     proc = run_snakemake(workdir, configfile, "-n", "results/data/manifest.json")
     log = proc.stdout + proc.stderr
     assert "corrupt file results/data/train.bin" in log and "the manifest says" in log, log[-3000:]
+    assert "corrupt file results/runs/tiny/learned/muon/seed0/probe/512.h5" in log, log[-3000:]
     assert not (data / "train.bin").exists() and not (data / "manifest.json").exists(), "never left to be read"
+    assert not probe.exists() and not (workdir / "results" / "tables" / "probes.csv").exists()
     assert "rule data:" in log, "the data job is planned again"
+    plan = run_snakemake(workdir, configfile, "-n", "aggregate").stdout
+    assert "rule probe:" in plan and "rule aggregate:" in plan, "the probe file and the tables are rebuilt"
 
 
 def test_corrupt_snapshots_and_shard_are_named_by_verify_and_fixed(reference, tmp_path):

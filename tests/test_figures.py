@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import struct
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -97,3 +98,33 @@ def test_per_mode_figures_cover_the_modes_that_have_something_to_show():
 def test_token_axis_unit_follows_the_study_length():
     assert style.token_unit(983_040) == (1e3, "thousands")
     assert style.token_unit(49_000_000) == (1e6, "millions")
+
+
+def test_summary_html_renders_headings_tables_and_inline_markup():
+    from qkrank.summary import markdown_html
+
+    page = markdown_html("# Title\n\nSome **bold** and `x<y` text\nwrapped.\n\n- **A**: point\n\n"
+                         "| Metric | learned |\n|:---|:---:|\n| PR | 1 ± 2 |\n\n![loss](figures/loss.png)\n", "t")
+    assert "<h1>Title</h1>" in page
+    assert "<p>Some <strong>bold</strong> and <code>x&lt;y</code> text wrapped.</p>" in page
+    assert "<ul><li><strong>A</strong>: point</li></ul>" in page
+    assert "<th>Metric</th><th>learned</th>" in page and "<td>PR</td><td>1 ± 2</td>" in page
+    assert ":---" not in page and "<img" not in page and "figure: loss" in page
+
+
+def test_summary_captions_come_from_the_report_captions(tmp_path):
+    from qkrank.summary import SummaryError, caption_text, figure_kind
+
+    rst = tmp_path / "loss.rst"
+    rst.write_text("Loss of ``mode``\nover tokens.\n")
+    assert caption_text(rst) == "Loss of `mode` over tokens."
+    with pytest.raises(SummaryError, match="caption file missing"):
+        caption_text(tmp_path / "missing.rst")
+    figures = tmp_path / "figures"
+    assert figure_kind(figures / "loss.png", figures) == ("loss", "")
+    assert figure_kind(figures / "layer_heatmap/tiny/muon/none.png", figures) == ("layer_heatmap",
+                                                                                 "tiny · muon · no QK-Norm")
+    with pytest.raises(SummaryError, match="not a figure path"):
+        figure_kind(figures / "a/b.png", figures)
+    for name in FIGURES:
+        assert caption_text(Path(__file__).resolve().parents[1] / "workflow" / "report" / f"{name}.rst")

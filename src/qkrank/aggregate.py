@@ -26,7 +26,7 @@ from qkrank.probe import SCHEMA_VERSION as PROBE_SCHEMA_VERSION
 from qkrank.rank import METRICS, top_energy_share
 
 CELL_COLUMNS = ["scale", "mode", "optimizer", "seed"]
-GROUP_COLUMNS = ["scale", "optimizer", "mode"]  # a curve or table column: one mode, all its seeds
+GROUP_COLUMNS = ["scale", "mode", "optimizer"]  # a curve or table column: one mode, all its seeds
 FINAL_LOSS_WINDOW = 10  # logged steps averaged for "final train loss"
 TRAIN_SMOOTH_STEPS = 10  # rolling mean of the training loss in the loss curves, in logged steps
 
@@ -271,7 +271,7 @@ def per_seed_summary(kpr: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(per_seed: pd.DataFrame, kpr: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Long table: scale, optimizer, mode, quantity, mean, ci_low, ci_high, n_seeds, tokens_at_minimum."""
+    """Long table: scale, mode, optimizer, quantity, mean, ci_low, ci_high, n_seeds, ci_level, tokens_at_minimum."""
     long = per_seed.melt(id_vars=CELL_COLUMNS, value_vars=list(SUMMARY_ROWS), var_name="quantity")
     out = seed_bands(long, GROUP_COLUMNS + ["quantity"], "value", level)
     # The minimum's position is read off the seed-averaged trajectory (one token count per mode).
@@ -280,9 +280,9 @@ def summary_table(per_seed: pd.DataFrame, kpr: pd.DataFrame, level: float) -> pd
     out = out.merge(at_min.rename(columns={"tokens_seen": "tokens_at_minimum"}), on=GROUP_COLUMNS, how="left")
     out.loc[out.quantity != "minimum_mean_pr", "tokens_at_minimum"] = np.nan
     out["tokens_at_minimum"] = out["tokens_at_minimum"].astype("Int64")
-    order = {q: i for i, q in enumerate(SUMMARY_ROWS)}
-    return out.sort_values(["scale", "optimizer", "quantity"], key=lambda s: s.map(order) if s.name == "quantity"
-                           else s, kind="stable").reset_index(drop=True)
+    rank = out.quantity.map({q: i for i, q in enumerate(SUMMARY_ROWS)})  # the seed's row order
+    return out.assign(rank=rank).sort_values(["scale", "optimizer", "rank"], kind="stable").drop(
+        columns="rank").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------- seed 000 mark tables

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -261,6 +262,13 @@ def _bench_settings(quick: bool, threads: int, data: dict) -> dict:
     return qconfig.cell_settings(loaded, qconfig.cells(loaded)[0])
 
 
+def settings_model(settings: dict) -> dict:
+    """ModelConfig fields of cell settings: the preset's row with the overrides and the cell's mode."""
+    fields = {k: v for k, v in settings["model"].items() if k != "preset"}
+    return ModelConfig.from_preset(settings["model"]["preset"], norm_mode=settings["cell"]["mode"],
+                                   **fields).to_dict()
+
+
 def _with_probe(settings: dict, **probe) -> dict:
     out = copy.deepcopy(settings)
     out["probe"].update(probe)
@@ -271,7 +279,9 @@ def probe_cost(work: Path, threads: int, quick: bool) -> tuple[dict, dict]:
     """Train one checkpoint interval and probe it, in-process; then probes of doubling size in fresh processes."""
     from qkrank import config as qconfig
     from qkrank.data import prepare
-    from qkrank.probe import probe_snapshot
+    import h5py
+
+    from qkrank.probe import probe_snapshot, saves_activations
     from qkrank.train import train_cell
 
     study = qconfig.load(qconfig.DEFAULT_CONFIG_PATH)
@@ -295,14 +305,17 @@ def probe_cost(work: Path, threads: int, quick: bool) -> tuple[dict, dict]:
                        work / f"probe_act{int(save_activations)}.h5")
         probe_s[save_activations] = time.perf_counter() - t0
     configured = settings["probe"]["save_activations"]
+    with h5py.File(work / "probe_act1.h5", "r") as f:  # what the probe stage made of the setting
+        probe_tokens = int(f.attrs["n_probe_tokens"])
+    uses_act = saves_activations(configured, ModelConfig(**settings_model(settings)), probe_tokens)
     cost = {
         "preset": "tiny", "threads": threads, "interval_tokens": interval,
         "tokens_per_step": qconfig.tokens_per_step(settings["train"]),
         "interval_train_s": train_s, "train_cell_wall_s": cell_s,
-        "probe_tokens": settings["probe"]["n_sequences"] * settings["train"]["seq_len"],
+        "probe_tokens": probe_tokens,
         "probe_s_without_act": probe_s[False], "probe_s_with_act": probe_s[True],
-        "configured_save_activations": configured,
-        "probe_cost_ratio": probe_s[configured] / train_s,
+        "configured_save_activations": configured, "saves_activations": uses_act,
+        "probe_cost_ratio": probe_s[uses_act] / train_s,
         "probe_cost_ratio_without_act": probe_s[False] / train_s,
         "probe_cost_ratio_with_act": probe_s[True] / train_s,
         "what": "interval_train_s = wall_s of the last row of metrics.csv of qkrank.train.train_cell run for "
@@ -434,9 +447,7 @@ def workflow_overhead(work: Path, quick: bool) -> dict:
         raise RuntimeError(f"snakemake -n failed ({proc.returncode}): {proc.stderr[-2000:]}")
     jobs = re.search(r"^total\s+(\d+)", proc.stdout + proc.stderr, re.MULTILINE)
     n_jobs = int(jobs.group(1)) if jobs else None
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "snakemake", "--version"], capture_output=True, env=_child_env())
-    startup = time.perf_counter() - t0
+    startup = None if quick else _wall([sys.executable, "-m", "snakemake", "--version"])
     return {"grid": dict(zip(("scales", "seeds", "checkpoints"), shape, strict=True)) | {"modes": 3},
             "n_jobs": n_jobs, "dry_run_s": wall, "snakemake_version_s": startup,
             "dry_run_s_per_job": wall / n_jobs if n_jobs else None, "goal_s": GOALS["dry_run_s"]}
@@ -556,7 +567,9 @@ def sdpa_gqa_check(device: torch.device, n_heads: int = 16, n_kv_heads: int = 8,
     out = {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
-            with sdpa_kernel(backend):
+            # torch warns once per refusing kernel; the refusal is recorded below instead
+            with sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
             out[backend.name] = "accepts enable_gqa"
         except RuntimeError as e:

@@ -1,13 +1,15 @@
 """``results/summary.md``: the verdict, every table and every figure of the study on one Markdown page.
 
 ``python -m qkrank.summary --config results/config.json --results results --captions workflow/report
---figures results/figures/*.png ... --out results/summary.md``. Figure captions are the report's
-(``workflow/report/<figure>.rst``), so the summary and the HTML report say the same thing.
+--figures results/figures/*.png ... --out results/summary.md [--html results/summary.html]``. Figure
+captions are the report's (``workflow/report/<figure>.rst``), so the summary and the HTML report say the
+same thing; the HTML page (text and tables, figures left to the report) is the report's first item.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import re
@@ -93,8 +95,9 @@ def render(config: dict, results: Path, figures: list[Path], captions: Path, out
     marks = ", ".join(format_tokens(m) for m in agg["marks_tokens"]) or "the final checkpoint"
     lines = [
         "# qkrank study summary", "",
-        f"Grid: scales {grid['scales']}, modes {grid['modes']}, optimizers {grid['optimizers']}, "
-        f"seeds {grid['seeds']} ({len(qconfig.cells(config))} cells). "
+        f"Grid: scales {', '.join(grid['scales'])}; modes {', '.join(grid['modes'])}; optimizers "
+        f"{', '.join(grid['optimizers'])}; seeds {', '.join(map(str, grid['seeds']))} ({len(qconfig.cells(config))} "
+        "cells). "
         "Modes: " + "; ".join(f"`{m}` = {MODE_LABELS[m]}" for m in grid["modes"]) + ".", "",
         f"PR = (Σσ)²/Σσ² of the key vectors of one head at site `{agg['site']}`; \"mean PR\" averages layers and "
         f"heads. Intervals: {agg['ci_level']:.0%} Student-t over seeds (none with one seed). Token marks: {marks} "
@@ -118,6 +121,65 @@ def render(config: dict, results: Path, figures: list[Path], captions: Path, out
     return "\n".join(lines)
 
 
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's **bold**, *italic* and `code`."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<em>\1</em>", text)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_html(text: str, title: str) -> str:
+    """The Markdown this module writes as a standalone HTML page: headings, paragraphs, bullets, pipe tables.
+
+    Images become a line naming the figure (the report shows the figures themselves).
+    """
+    body: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+        elif heading := re.match(r"(#{1,6}) (.*)", line):
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+            i += 1
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(_cells(lines[i]))
+                i += 1
+            head, data = rows[0], [r for r in rows[1:] if not all(set(c) <= set(":-") for c in r)]
+            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in data)
+                        + "</tbody></table>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+        elif image := re.match(r"!\[([^]]*)\]\(([^)]+)\)", line):
+            body.append(f"<p class='figure'>[figure: {_inline(image.group(1))} — in the report's figure menu]</p>")
+            i += 1
+        else:
+            paragraph = []
+            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- |!\[)", lines[i]):
+                paragraph.append(lines[i])
+                i += 1
+            body.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    style = ("body{font-family:sans-serif;max-width:70em;margin:1em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+             "th{background:#f0f0f0}.figure{color:#666}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write the study's summary page (Markdown).")
     qconfig.add_config_args(parser)
@@ -125,6 +187,7 @@ def main(argv=None) -> None:
     parser.add_argument("--captions", type=Path, required=True, help="folder of the figure captions (.rst)")
     parser.add_argument("--figures", type=Path, nargs="*", default=[], help="figure PNGs, in display order")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--html", type=Path, help="also write the page as HTML (figures left out)")
     args = parser.parse_args(argv)
     try:
         config = qconfig.load_from_args(args)
@@ -132,6 +195,8 @@ def main(argv=None) -> None:
     except (qconfig.ConfigError, SummaryError, FileNotFoundError) as e:
         sys.exit(f"qkrank.summary: error: {e}")
     atomic_write_text(args.out, text)
+    if args.html:
+        atomic_write_text(args.html, markdown_html(text, "qkrank study summary"))
 
 
 if __name__ == "__main__":

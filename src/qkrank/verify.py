@@ -90,11 +90,23 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def aggregate_outputs(results: Path) -> tuple[Path, ...]:
+    """What the aggregate job writes. Snakemake rebuilds a deleted file only when a job that reads it must run,
+    so these go with a bad probe file or snapshot: the next run then re-aggregates, and rebuilds that file."""
+    results = Path(results)
+    try:
+        from qkrank.aggregate import OUTPUTS
+    except ImportError:
+        return tuple(sorted((results / "tables").glob("*")))
+    return tuple(results / name for name in OUTPUTS)
+
+
 def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
     """A cell's train.json, snapshots (loadable; sha256 with ``hashes``), resume states, metrics and probe files."""
     run_dir = Path(run_dir)
+    tables = aggregate_outputs(run_dir.parents[4])  # results/runs/{scale}/{mode}/{optimizer}/seed{N}
     manifest_path, metrics_path = run_dir / "train.json", run_dir / "metrics.csv"
-    retrain = (manifest_path, metrics_path)  # the train rule's outputs: deleting them reruns the cell
+    retrain = (manifest_path, metrics_path, *tables)  # the train rule's outputs: deleting them reruns the cell
     problems = []
     if manifest_path.exists():
         try:
@@ -120,7 +132,7 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
     for path in sorted((run_dir / "probe").glob("*.h5")) if (run_dir / "probe").is_dir() else ():
         why = probe_problem(path, deep=hashes)
         if why:
-            problems.append(Problem(path, why, (path,)))
+            problems.append(Problem(path, why, (path, *tables)))
     return problems
 
 
@@ -210,15 +222,19 @@ def fix(problems: list[Problem]) -> list[Path]:
 
 
 def clean_corrupt(results: Path, log=None) -> list[Problem]:
-    """Parse-time pass: token-shard sizes and probe-file headers only; corrupt ones are deleted and logged."""
+    """Parse-time pass: token-shard sizes and probe-file headers only; corrupt ones are deleted and logged.
+
+    A deleted shard is rebuilt when a job reads the data again; a deleted probe file takes the aggregate's
+    outputs with it, so the next run re-probes and re-aggregates."""
     results = Path(results)
     problems = check_data(results / "data")
     for path in sorted(results.glob("runs/*/*/*/seed*/probe/*.h5")):
         why = probe_problem(path)
         if why:
-            problems.append(Problem(path, why, (path,)))
+            problems.append(Problem(path, why, (path, *aggregate_outputs(results))))
     for problem in problems:
-        message = f"qkrank: corrupt file {problem}; deleting {', '.join(map(str, problem.remove))} so it is rebuilt"
+        existing = ", ".join(str(p) for p in problem.remove if p.exists())
+        message = f"qkrank: corrupt file {problem}; deleting {existing} so that it is rebuilt"
         (log or (lambda m: warnings.warn(m, stacklevel=2)))(message)
     fix(problems)
     return problems

@@ -17,6 +17,7 @@ STATE_DIR="${QKRANK_SLURM_DIR:-/tmp/qkrank-slurm}"
 CONF=/etc/slurm/slurm.conf
 MARKER="# written by qkrank tests/slurm/cluster.sh"
 MAX_TIME_MIN="${QKRANK_SLURM_MAXTIME:-30}"
+CPUS_FACTOR=2    # node CPUs = 2 × this machine's (QKRANK_SLURM_CPUS sets the number itself)
 MUNGE_PID="$STATE_DIR/munged.pid"
 CTLD_PID="$STATE_DIR/slurmctld.pid"
 SLURMD_PID="$STATE_DIR/slurmd.pid"
@@ -41,9 +42,12 @@ write_conf() {
     if [[ -f "$CONF" ]] && ! grep -qF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script; not touching a real cluster's config"
     fi
-    # The node line as slurmd measures this machine (CPUs, sockets, cores, RealMemory).
-    local node
-    node=$(slurmd -C | head -n 1 | sed -E "s/^NodeName=[^ ]+/NodeName=$(hostname -s)/")
+    # The node: this machine's memory as slurmd measures it, and CPUS_FACTOR × its CPUs. Test jobs spend
+    # most of their time starting Python, and a training job waiting for its time limit must not hold back
+    # the other run's jobs; each job still gets the threads it asks for.
+    local memory cpus
+    memory=$(slurmd -C | head -n 1 | sed -nE 's/.*RealMemory=([0-9]+).*/\1/p')
+    cpus=${QKRANK_SLURM_CPUS:-$(( $(nproc) * CPUS_FACTOR ))}
     mkdir -p "$(dirname "$CONF")" "$STATE_DIR/state" "$STATE_DIR/spool"
     cat >"$CONF.tmp" <<EOF
 $MARKER
@@ -78,7 +82,9 @@ StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldLogFile=$STATE_DIR/slurmctld.log
 SlurmdLogFile=$STATE_DIR/slurmd.log
-$node NodeAddr=127.0.0.1 State=UNKNOWN
+# The node's CPUs and memory are the ones given here, not slurmd's own count (config_overrides).
+SlurmdParameters=config_overrides
+NodeName=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=$MAX_TIME_MIN State=UP
 EOF
     mv "$CONF.tmp" "$CONF"

@@ -1,8 +1,8 @@
 # One rule per figure kind (registry: qkrank.figures.FIGURES). Each lists its own plotting module, with
 # style.py and labels.py, as inputs, so editing one module redraws only that figure and what inlines it
 # (summary, report). Per-mode figures have one job per (scale, optimizer, mode). Every PNG is flagged for
-# `snakemake --report`: caption workflow/report/<figure>.rst, category by figure type, labels by scale,
-# optimizer, mode and seeds.
+# `snakemake --report`: caption workflow/report/<figure>.rst, category by figure type, subcategory by
+# figure, labels by scale, optimizer, mode and seeds.
 from qkrank.figures import FIGURES, figure_modes  # noqa: E402
 
 FIGURE_CODE = f"{SRC}/qkrank/figures"
@@ -52,7 +52,7 @@ for _name, _spec in FIGURES.items():
             labels=f"{FIGURE_CODE}/labels.py",
         output:
             png=report(figure_png(_name), caption=f"../report/{_name}.rst", category=_spec["category"],
-                       labels=figure_labels(_name)),
+                       subcategory=_spec["title"], labels=figure_labels(_name)),
             pdf=figure_png(_name).removesuffix(".png") + ".pdf",
         params:
             module=_name,

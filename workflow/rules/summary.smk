@@ -1,5 +1,6 @@
-# results/summary.md: the verdict, every table and every figure of the study on one Markdown page.
-# Figure captions come from workflow/report/<figure>.rst (also the report's captions), so they are inputs.
+# results/summary.md: the verdict, every table and every figure of the study on one Markdown page, and
+# the same page as HTML (without the figures) as the first item of `snakemake --report`. Figure captions
+# come from workflow/report/<figure>.rst (also the report's captions), so they are inputs.
 REPORT_DIR = f"{workflow.basedir}/workflow/report"
 
 
@@ -18,9 +19,11 @@ rule summary:
         captions=[f"{REPORT_DIR}/{name}.rst" for name in FIGURES],
         code=f"{SRC}/qkrank/summary.py",
     output:
-        f"{RESULTS}/summary.md",
+        md=f"{RESULTS}/summary.md",
+        html=report(f"{RESULTS}/summary.html", caption="../report/summary.rst", category="0 · Summary and verdict",
+                    labels={"page": "verdict and tables"}),
     log:
         f"{RESULTS}/logs/summary.log",
     shell:
         "{PY} -m qkrank.summary --config {input.config} --results {RESULTS} --captions {REPORT_DIR}"
-        " --figures {input.figures} --out {output} > {log} 2>&1"
+        " --figures {input.figures} --out {output.md} --html {output.html} > {log} 2>&1"

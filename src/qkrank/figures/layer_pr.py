@@ -27,7 +27,8 @@ def plot(layer_pr: pd.DataFrame) -> p9.ggplot:
          + p9.geom_pointrange(p9.aes(ymin="low", ymax="high"), position=position, size=0.4)
          + style.mode_scales()
          + p9.scale_x_continuous(name="Layer (0 = nearest the embedding)", breaks=style.layer_breaks(final.layer))
-         + p9.labs(y="Key participation ratio PR(K)", title=f"Key PR by layer at the final checkpoint ({tokens} tokens)",
+         + p9.labs(y="Key participation ratio PR(K)",
+                   title=f"Key PR by layer at the final checkpoint ({tokens} tokens)",
                    subtitle=f"Mean over KV heads and seeds; {style.band_note(final, 'bars')}")
          + style.theme())
     if final.panel.nunique() > 1:
