@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import micro_config, write_config
 
 from qkrank import config as qconfig
 from qkrank import gpu_hours
@@ -41,12 +42,20 @@ def offline_env() -> dict:
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """``snakemake -n --configfile configs/X.yaml`` for every config, run side by side, offline, in empty dirs."""
+    """``snakemake -n --configfile configs/X.yaml`` for every config, run side by side, offline, in empty dirs.
+
+    Also "torchrun_cell": the micro study with a two-process cell, printing its shell commands.
+    """
+    ddp = micro_config()
+    ddp["scales"]["tiny"]["train"]["nproc"] = 2
+    ddp["scales"]["tiny"]["resources"] = {"train": {"gpus": 2, "cpus": 8}}
+    configs = {**CONFIGS, "torchrun_cell": write_config(tmp_path_factory.mktemp("ddp") / "ddp.yaml", ddp)}
     procs = {}
-    for name, path in CONFIGS.items():
+    for name, path in configs.items():
         workdir = tmp_path_factory.mktemp(f"dry_{name}")
+        quiet = ["--printshellcmds"] if name == "torchrun_cell" else ["--quiet", "rules"]
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(workdir), "--configfile", str(path), "-n", "--quiet", "rules", "--cores", "1"]
+               str(workdir), "--configfile", str(path), "-n", *quiet, "--cores", "1"]
         procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=offline_env()), workdir)
     results = {}
@@ -73,6 +82,16 @@ def test_dry_run_builds_the_whole_dag_offline(dry_runs, name):
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     # Nothing was read or written: the data is fetched by the data job, never while the DAG is built.
     assert not (workdir / config["results_dir"]).exists()
+
+
+def test_a_multi_process_cell_launches_with_torchrun_in_one_job(dry_runs):
+    proc, _ = dry_runs["torchrun_cell"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_jobs = [block for block in re.split(r"\n(?=\[)", proc.stdout) if "\nrule train:" in block]
+    assert len(train_jobs) == 3
+    for block in train_jobs:
+        assert "torchrun --standalone --nproc_per_node=2 -m qkrank.train" in block
+        assert re.search(r"resources:.*\bgpu=2\b", block)  # the SLURM plugin's --gpus=2 for the one job
 
 
 def test_seed000_matches_the_seed():
@@ -143,9 +162,9 @@ def test_gpu_hours_formula_by_hand():
 def test_gpu_hours_of_the_seed004_study():
     rows = gpu_hours.study_rows(load("seed004_1p5b"), mfu=0.4)
     assert len(rows) == 1 and rows[0]["cells"] == 3
-    from qkrank.model import GPT, ModelConfig
-
     import torch
+
+    from qkrank.model import GPT, ModelConfig
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT(ModelConfig.from_preset("1.5b")).parameters())

@@ -209,7 +209,7 @@ def test_hf_single_local_dataset_matches_its_rows(hf_dirs, tmp_path):
 
 def test_hf_mix_of_two_sources_respects_weights(hf_dirs, tmp_path):
     fineweb, cosmo = hf_dirs
-    cfg = data_cfg(source="hf", seed=7, val_fraction=0.1, tokenizer={"kind": "bpe", "vocab_size": 300},
+    cfg = data_cfg(source="hf", seed=7, val_fraction=0.1, tokenizer={"kind": "bpe", "vocab_size": 300}, shuffle_buffer=50,
                    train_tokens=30000, val_tokens=1000,
                    hf={"sources": [{"path": str(fineweb), "weight": 3.0}, {"path": str(cosmo), "weight": 1.0}]})
     manifest = data.prepare(cfg, tmp_path / "out")
@@ -226,7 +226,9 @@ def test_hf_mix_of_two_sources_respects_weights(hf_dirs, tmp_path):
     assert counted[0] - alpha in (0, 1) and counted[1] - beta in (0, 1)  # the manifest counts the cut one too
     assert sum(s["tokens"]["train"] for s in manifest["sources"]) == 30000
     again = data.prepare(cfg, tmp_path / "again")
-    assert again["sha256"] == manifest["sha256"]  # the mix is seeded
+    assert again["sha256"] == manifest["sha256"]  # the mix and the shuffle are seeded
+    unshuffled = data.prepare({**cfg, "shuffle_buffer": 0}, tmp_path / "unshuffled")
+    assert unshuffled["sha256"]["train.bin"] != manifest["sha256"]["train.bin"]
 
 
 def test_hf_mix_stops_when_a_source_runs_out(hf_dirs, tmp_path):

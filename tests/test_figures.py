@@ -6,6 +6,7 @@ import importlib
 import struct
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from test_aggregate import build_study, synthetic_config
@@ -52,35 +53,57 @@ def cli_args(name: str, cfg: dict, tables, out_dir) -> list[list[str]]:
             for s in grid["scales"] for o in grid["optimizers"] for m in modes]
 
 
-@pytest.mark.parametrize("name", list(FIGURES))
-def test_figure_writes_png_and_pdf(name, tables_dirs, tmp_path):
-    cfg, tables = tables_dirs["full"]
+def drawn(name: str, cfg: dict, tables, tmp_path) -> list:
+    """Each plot a figure module makes for a study, drawn (the workflow's own run saves them to files)."""
     module = importlib.import_module(f"qkrank.figures.{name}")
+    frames = [pd.read_csv(tables / f"{t}.csv") for t in FIGURES[name]["tables"]]
+    plots = []
     for args in cli_args(name, cfg, tables, tmp_path):
-        module.main(args)
-        out = tmp_path / args[3].split("/")[-1]
-        width, height = png_size(out)
-        assert width >= 1000 and height >= 500, (width, height)
-        assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
-    assert not list(tmp_path.glob(".*.tmp")), "written atomically"
+        parsed = style.cli("", per_mode="per_mode" in FIGURES[name]).parse_args(args)
+        selection = (parsed.scale, parsed.optimizer, parsed.mode) if "per_mode" in FIGURES[name] else ()
+        plot = module.plot(*frames, *selection)
+        plt.close(plot.draw())
+        plots.append(plot)
+    return plots
+
+
+def heading(plot) -> str:
+    return " ".join(str(plot.labels.get(k, "")) for k in ("title", "subtitle"))
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_figure_draws_for_two_scales_and_two_seeds(name, tables_dirs, tmp_path):
+    cfg, tables = tables_dirs["full"]
+    for plot in drawn(name, cfg, tables, tmp_path):
+        if name in ("spectral_decay", "gamma_distribution", "layer_heatmap"):
+            assert "2 seeds" in heading(plot) or "heads and seeds" in heading(plot), heading(plot)
+        else:
+            assert "95% Student-t interval over 2 seeds" in heading(plot), heading(plot)
 
 
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_figure_draws_for_one_mode_and_one_seed(name, tables_dirs, tmp_path):
     """With one seed the bands collapse to lines; with no γ the γ figures say so instead of failing."""
     cfg, tables = tables_dirs["minimal"]
-    module = importlib.import_module(f"qkrank.figures.{name}")
-    for args in cli_args(name, cfg, tables, tmp_path):
-        parsed = style.cli("", per_mode="per_mode" in FIGURES[name]).parse_args(args)
-        frames = [pd.read_csv(tables / f"{t}.csv") for t in FIGURES[name]["tables"]]
-        selection = (parsed.scale, parsed.optimizer, parsed.mode) if "per_mode" in FIGURES[name] else ()
-        plot = module.plot(*frames, *selection)
-        plot.draw()
-        text = " ".join(str(plot.labels.get(k, "")) for k in ("title", "subtitle"))
+    for plot in drawn(name, cfg, tables, tmp_path):
         if name.startswith("gamma"):
-            assert "γ" in text
+            message = plot.data["text"].iloc[0]  # the blank figure's explanation
+            assert "γ" in heading(plot) and "γ" in message and "no" in message.lower()
         elif name != "spectral_decay":
-            assert "one seed" in text, text
+            assert "one seed" in heading(plot), heading(plot)
+
+
+def test_main_writes_png_and_pdf_atomically(tables_dirs, tmp_path):
+    cfg, tables = tables_dirs["full"]
+    from qkrank.figures import layer_heatmap
+
+    args = cli_args("layer_heatmap", cfg, tables, tmp_path)[0]
+    layer_heatmap.main(args)
+    out = Path(args[3])
+    width, height = png_size(out)
+    assert width >= 1000 and height >= 500, (width, height)
+    assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.with_suffix(".pdf").name, out.name]
 
 
 def test_with_band_collapses_to_the_mean_without_an_interval():

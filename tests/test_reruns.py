@@ -26,10 +26,10 @@ OVERRIDDEN_CELL = "tiny/none/muon/seed0"
 
 
 def rerun_config(**overrides) -> dict:
-    """The micro study, smaller still: two modes and three checkpoints (0, 512, 1024 tokens)."""
+    """The micro study, smaller still: two modes and two checkpoints (0 and 1024 tokens)."""
     cfg = micro_config(**overrides)
     cfg["grid"]["modes"] = ["learned", "none"]
-    cfg["scales"]["tiny"]["train"]["total_tokens"] = 1024
+    cfg["scales"]["tiny"]["train"].update(total_tokens=1024, checkpoint_every_tokens=1024)
     cfg["aggregate"] = {"marks_tokens": [512, 1024]}
     return cfg
 
@@ -115,9 +115,11 @@ def test_editing_one_plotting_module_reruns_only_its_figure(project):
     with edited(project / "src" / "qkrank" / "figures" / "spectral_decay.py"):
         jobs, _ = dry_run(project)
     assert jobs == Counter({"figure_spectral_decay": 1, "summary": 1, "all": 1})
+    # A per-mode figure: its job for every mode, nothing else.
     with edited(project / "src" / "qkrank" / "figures" / "layer_heatmap.py"):
-        jobs, _ = dry_run(project)
+        jobs, out = dry_run(project)
     assert jobs == Counter({"figure_layer_heatmap": 2, "summary": 1, "all": 1})
+    assert "reason: Updated input files:" in out and "layer_heatmap.py" in out
 
 
 def test_editing_style_redraws_every_figure_and_model_code_retrains_nothing(project):
@@ -133,7 +135,7 @@ def test_changing_one_cells_config_reruns_only_that_cell(project):
     cfg = rerun_config(cell_overrides={OVERRIDDEN_CELL: {"optim": {"adamw": {"lr": 0.001}}}})
     write_config(project / "override.yaml", cfg)
     jobs, out = dry_run(project, "override.yaml")
-    expected = Counter({"cell_settings": 1, "train": 1, "probe": 3, "study_config": 1, "aggregate": 1,
+    expected = Counter({"cell_settings": 1, "train": 1, "probe": 2, "study_config": 1, "aggregate": 1,
                         "summary": 1, "all": 1}) + figure_jobs()
     assert jobs == expected
     run_outputs = re.findall(r"output: (results/runs/\S+)", out)

@@ -195,7 +195,8 @@ def test_training_killed_at_its_time_limit_resumes_on_retry(runs):
     train_log = workdir / "results" / "logs" / "train" / f"{CELL}.log"
     resumed, deadline = None, time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if m := re.search(r"resumed from (\S+) at ([\d,]+) tokens", train_log.read_text() if train_log.exists() else ""):
+        text = train_log.read_text() if train_log.exists() else ""
+        if m := re.search(r"resumed from (\S+) at ([\d,]+) tokens", text):
             resumed = (m[1], int(m[2].replace(",", "")))
             break
         time.sleep(1)

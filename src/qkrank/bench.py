@@ -279,8 +279,6 @@ def probe_cost(work: Path, threads: int, quick: bool) -> tuple[dict, dict]:
     """Train one checkpoint interval and probe it, in-process; then probes of doubling size in fresh processes."""
     from qkrank import config as qconfig
     from qkrank.data import prepare
-    import h5py
-
     from qkrank.probe import probe_snapshot, saves_activations
     from qkrank.train import train_cell
 
@@ -305,8 +303,8 @@ def probe_cost(work: Path, threads: int, quick: bool) -> tuple[dict, dict]:
                        work / f"probe_act{int(save_activations)}.h5")
         probe_s[save_activations] = time.perf_counter() - t0
     configured = settings["probe"]["save_activations"]
-    with h5py.File(work / "probe_act1.h5", "r") as f:  # what the probe stage made of the setting
-        probe_tokens = int(f.attrs["n_probe_tokens"])
+    probe_cfg = settings["probe"]
+    probe_tokens = probe_cfg["n_sequences"] * (probe_cfg["seq_len"] or settings["train"]["seq_len"])
     uses_act = saves_activations(configured, ModelConfig(**settings_model(settings)), probe_tokens)
     cost = {
         "preset": "tiny", "threads": threads, "interval_tokens": interval,

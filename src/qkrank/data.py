@@ -66,11 +66,11 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
 
 @dataclass
 class Source:
-    """One stream of documents: ``open()`` gives a fresh iterator of {"id", "text"} in a fixed order."""
+    """One stream of documents: ``documents()`` gives a fresh iterator of {"id", "text"} in a fixed order."""
 
     label: str
     weight: float
-    open: Callable[[], Iterator[dict]]
+    documents: Callable[[], Iterator[dict]]
     description: dict
 
 
@@ -219,7 +219,7 @@ def _hf_documents(src: dict, index: int, seed: int, buffer: int) -> Iterator[dic
     if ds.features is not None and column not in ds.features:
         raise DataError(f"{where}: no column {column!r} (text_column); columns: {sorted(ds.features)}")
     if buffer > 1:
-        ds = ds.shuffle(seed=seed * 1000 + index, buffer_size=buffer)
+        ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]), buffer_size=buffer)
     for i, row in enumerate(ds):
         if column not in row:
             raise DataError(f"{where}: no column {column!r} (text_column); columns: {sorted(row)}")
@@ -237,7 +237,7 @@ def document_sources(data_cfg: dict) -> list[Source]:
 def iter_documents(data_cfg: dict, sources: list[Source] | None = None) -> Iterator[dict]:
     """Non-empty documents {"id", "text", "source"} of all sources, mixed by weight, in the config's order."""
     sources = sources or document_sources(data_cfg)
-    streams = [s.open() for s in sources]
+    streams = [s.documents() for s in sources]
     for index, doc in weighted_interleave(streams, [s.weight for s in sources], data_cfg["seed"]):
         text = doc["text"]
         if isinstance(text, str) and text.strip():
