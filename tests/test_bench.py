@@ -35,8 +35,9 @@ def test_quick_mode_writes_sane_positive_numbers(quick_results):
     out, proc = quick_results
     training = json.loads((out / "training.json").read_text())
     for model in ("real", "naive"):
-        for key in ("step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
+        for key in ("step_s", "step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
             assert _positive(training[model][key]), (model, key, training[model][key])
+        assert training[model]["step_s"] == min(training[model]["step_s_all"])
     assert _positive(training["fp32_matmul_peak_flops"]) and _positive(training["speedup_over_naive"])
     assert training["flops_formula"] == bench.FLOPS_FORMULA and training["machine"]["threads"] == 1
     probe = json.loads((out / "probe.json").read_text())

@@ -190,10 +190,13 @@ class StepTimer:
         if record:
             self.seconds.append(time.perf_counter() - t0)
 
-    def summary(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> dict:
-        step_s = statistics.median(self.seconds)
+    def summary(self, tokens_per_step: int, flops_per_token: float, peak: float | None,
+                statistic: str = "median") -> dict:
+        """Rates from the median step (steady GPUs) or the best step (shared CPUs, like the matmul peak)."""
+        step_s = min(self.seconds) if statistic == "best" else statistics.median(self.seconds)
         tokens_per_s = tokens_per_step / step_s
-        out = {"step_s_median": step_s, "step_s_all": self.seconds, "tokens_per_s": tokens_per_s,
+        out = {"step_s": step_s, "step_statistic": statistic, "step_s_median": statistics.median(self.seconds),
+               "step_s_all": self.seconds, "tokens_per_s": tokens_per_s,
                "model_flops_per_s": tokens_per_s * flops_per_token}
         if peak:
             out["mfu"] = out["model_flops_per_s"] / peak
@@ -221,8 +224,8 @@ def training_efficiency(threads: int, quick: bool) -> dict:
     peaks.append(matmul_peak(device, torch.float32, matmul_n, repeats=2 if quick else 5))
     peak = max(peaks)
     tokens = micro_batch * seq_len
-    real = real_timer.summary(tokens, flops["total"], peak)
-    ref = naive_timer.summary(tokens, flops["total"], peak)
+    real = real_timer.summary(tokens, flops["total"], peak, statistic="best")
+    ref = naive_timer.summary(tokens, flops["total"], peak, statistic="best")
     return {
         "preset": "tiny", "threads": threads, "micro_batch": micro_batch, "grad_accum": 1, "seq_len": seq_len,
         "optimizer": "muon (hidden matrices) + adamw", "timed_steps": steps, "warmup_steps": warmup,
@@ -230,7 +233,7 @@ def training_efficiency(threads: int, quick: bool) -> dict:
         "flops_formula": FLOPS_FORMULA, "flops_per_token": flops,
         "fp32_matmul_peak_flops": peak, "fp32_matmul_peak_runs": peaks, "matmul_n": matmul_n,
         "real": real, "naive": ref,
-        "speedup_over_naive": ref["step_s_median"] / real["step_s_median"],
+        "speedup_over_naive": ref["step_s"] / real["step_s"],
         "goals": {"mfu": GOALS["cpu_mfu"], "speedup_over_naive": GOALS["speedup_over_naive"]},
     }
 
@@ -670,7 +673,7 @@ def markdown_table(results: dict) -> str:
                 continue
             goal = f"≥ {GOALS['gpu_mfu_1.5b']:.0%}" if preset == "1.5b" else ""
             rows.append((f"GPU {preset} {run['micro_batch']}×{run['grad_accum']}×{run['seq_len']}: step, tok/s",
-                         f"{run['step_s_median']:.3f} s, {run['tokens_per_s']:,.0f}", ""))
+                         f"{run['step_s']:.3f} s, {run['tokens_per_s']:,.0f}", ""))
             rows.append((f"GPU {preset} MFU vs {gpu['device_name']} bf16 spec / measured matmul",
                          f"{_fmt(run.get('mfu'), '.1%')} / {run['mfu_vs_measured_matmul']:.1%}", goal))
     lines = ["| measurement | value | goal |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
