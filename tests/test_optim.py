@@ -109,7 +109,7 @@ def test_lr_factor_warmup_then_decay_to_floor():
     total, warmup = 1000, 100
     for decay in ("constant", "linear", "cosine"):
         schedule = {"warmup_tokens": warmup, "decay": decay, "min_lr_ratio": 0.1}
-        assert lr_factor(49, total, schedule) == pytest.approx(0.5)
+        assert lr_factor(50, total, schedule) == pytest.approx(0.5)
         assert lr_factor(warmup, total, schedule) == pytest.approx(1.0)
         end = lr_factor(total, total, schedule)
         assert end == pytest.approx(1.0 if decay == "constant" else 0.1)

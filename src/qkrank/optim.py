@@ -57,10 +57,13 @@ def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[
 
 
 def lr_factor(tokens_seen: int, total_tokens: int, schedule: dict) -> float:
-    """Multiplier of the base learning rate: linear warmup, then constant, linear or cosine decay to min_lr_ratio."""
+    """Multiplier of the base learning rate for the step that ends at ``tokens_seen`` tokens.
+
+    Linear warmup (tokens_seen / warmup_tokens), then constant, linear or cosine decay to min_lr_ratio.
+    """
     warmup = schedule["warmup_tokens"]
     if warmup and tokens_seen < warmup:
-        return (tokens_seen + 1) / warmup
+        return tokens_seen / warmup
     if schedule["decay"] == "constant" or total_tokens <= warmup:
         return 1.0
     progress = min(1.0, (tokens_seen - warmup) / (total_tokens - warmup))

@@ -198,7 +198,8 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
                        # Batches are a pure function of (seed, step): the next step index is the data position.
                        "data_position": {"seed": seed, "next_step": step, "rows_per_step": micro * accum},
                        "schedule": {**settings["optim"]["schedule"],
-                                    "lr_factor": lr_factor(tokens_seen, total_tokens, settings["optim"]["schedule"])}}
+                                    "next_lr_factor": lr_factor(tokens_seen + step_tokens, total_tokens,
+                                                                settings["optim"]["schedule"])}}
         checkpoint.atomic_save(checkpoint.resume_state(model, optimizers, resume_meta, rows),
                                resume_dir / f"{tokens_seen}.pt")
         checkpoint.prune(resume_dir, train_cfg["keep_resume_checkpoints"])
@@ -230,7 +231,7 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
                     f"{cell['id']}: {name} is {value} at step {step + 1} (tokens seen {tokens_seen:,}); "
                     f"stopped before the optimizer update. Last good checkpoint: "
                     f"{kept[-1] if kept else 'none'} (resume/ is left as it is)")
-        lrs = set_lr(optimizers, lr_factor(tokens_seen, total_tokens, settings["optim"]["schedule"]))
+        lrs = set_lr(optimizers, lr_factor(tokens_seen + step_tokens, total_tokens, settings["optim"]["schedule"]))
         for opt in optimizers.values():
             opt.step()
         for opt in optimizers.values():
