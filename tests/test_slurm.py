@@ -122,8 +122,6 @@ def runs(cluster, tmp_path_factory):
     timeout_cfg = write_config(timeout_dir / "study.yaml", long)
     # Its data is prepared here (a second data job would only wait for a CPU); Snakemake keeps it.
     prepare(qconfig.load(long)["data"], timeout_dir / "results" / "data")
-    timeout_proc = slurm_snakemake(timeout_dir, timeout_cfg, f"results/runs/{CELL}/train.json", "--retries", "2",
-                                   log=timeout_dir / "snakemake.log")
 
     micro = micro_config()
     micro["grid"]["modes"] = ["learned", "none"]
@@ -134,15 +132,21 @@ def runs(cluster, tmp_path_factory):
     slurm_dir.mkdir()
     local_dir.mkdir()
     micro_cfg = write_config(root / "micro.yaml", micro)
-    micro_proc = slurm_snakemake(slurm_dir, micro_cfg, "aggregate", log=slurm_dir / "snakemake.log")
+
+    started: list[tuple[subprocess.Popen, Path]] = []
     try:
+        timeout_proc = slurm_snakemake(timeout_dir, timeout_cfg, f"results/runs/{CELL}/train.json",
+                                       "--retries", "2", log=timeout_dir / "snakemake.log")
+        started.append((timeout_proc, timeout_dir))
+        micro_proc = slurm_snakemake(slurm_dir, micro_cfg, "aggregate", log=slurm_dir / "snakemake.log")
+        started.append((micro_proc, slurm_dir))
         run_snakemake(local_dir, micro_cfg, "aggregate")
         micro_proc.wait(timeout=600)
         yield {"slurm_dir": slurm_dir, "local_dir": local_dir, "micro_rc": micro_proc.returncode,
                "timeout_dir": timeout_dir, "timeout_proc": timeout_proc}
     finally:
-        stop(micro_proc, slurm_dir)
-        stop(timeout_proc, timeout_dir)
+        for proc, workdir in started:
+            stop(proc, workdir)
 
 
 def read_tables(results: Path) -> dict[str, pd.DataFrame]:
