@@ -34,9 +34,8 @@ pytestmark = pytest.mark.slurm
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 CELL = "tiny/learned/muon/seed0"
-# Overrides of the profile for a 2-CPU test node: small memory and time requests, quick first status check.
-TEST_CLUSTER_ARGS = ("--slurm-init-seconds-before-status-checks", "1", "--slurm-no-account",
-                     "--slurm-keep-successful-logs", "--jobs", "8",
+# Overrides of the profile for the test node: small memory and time requests, no account, keep every job's log.
+TEST_CLUSTER_ARGS = ("--slurm-no-account", "--slurm-keep-successful-logs", "--jobs", "8",
                      "--set-resources", "data:mem_mb=500", "data:runtime=10", "aggregate:mem_mb=500",
                      "aggregate:runtime=10")
 # Columns that measure time, not results.

@@ -134,7 +134,7 @@ class ActivationWriter:
                     self.datasets[f"layer.{layer}/{tensor}/{site}"] = f.create_dataset(
                         f"layers/{layer}/{tensor}/{site}/act", shape=(heads, n_tokens, cfg.head_dim),
                         dtype=np.float16, chunks=(1, min(n_tokens, chunk_tokens), cfg.head_dim),
-                        compression="gzip", compression_opts=1, shuffle=True)
+                        compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
 
     def __call__(self, site: str, first_token: int, vectors: torch.Tensor) -> None:
         if site not in self.overflowed and vectors.abs().max().item() > FLOAT16_MAX:
@@ -154,13 +154,15 @@ def write_spectra(f: h5py.File, spectra: dict[str, SpectrumAccumulator], gammas:
                 group = f.require_group(f"layers/{layer}/{tensor}/{site}")
                 spectrum = spectra[f"layer.{layer}/{tensor}/{site}"]
                 sv, eig = spectrum.singular_values(), spectrum.covariance_eigenvalues()
-                group.create_dataset("sv", data=sv)
-                group.create_dataset("eig_cov", data=eig)
+                # fletcher32 checksums: a bit flip in a stored value fails on read instead of being trusted.
+                group.create_dataset("sv", data=sv, fletcher32=True)
+                group.create_dataset("eig_cov", data=eig, fletcher32=True)
                 for metric, values in all_metrics(sv, eig).items():
-                    group.create_dataset(metric, data=values)
+                    group.create_dataset(metric, data=values, fletcher32=True)
             gamma = gammas.get(f"layer.{layer}/gamma_{tensor}")
             if gamma is not None:
-                f.create_dataset(f"layers/{layer}/gamma_{tensor}", data=gamma.detach().cpu().double().numpy())
+                f.create_dataset(f"layers/{layer}/gamma_{tensor}", data=gamma.detach().cpu().double().numpy(),
+                                 fletcher32=True)
 
 
 def probe_file_problem(path: str | Path) -> str | None:

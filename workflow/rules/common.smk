@@ -7,7 +7,6 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
-from qkrank.atomic import atomic_write_text  # noqa: E402
 from qkrank import verify as qverify  # noqa: E402
 
 try:
@@ -47,7 +46,11 @@ def settings_of(wildcards):
 
 
 def settings_json(wildcards):
-    return json.dumps(settings_of(wildcards), indent=2, sort_keys=True) + "\n"
+    return json.dumps(settings_of(wildcards), sort_keys=True)
+
+
+# printf to a temporary name and mv: atomic, and (unlike a `run:` block) no second snakemake process.
+WRITE_PARAM = "printf '%s\\n' {params.text:q} > {output}.tmp && mv {output}.tmp {output}"
 
 
 # The settings files are the only place a cell's config reaches its jobs: each is rewritten only when
@@ -61,18 +64,18 @@ rule cell_settings:
     output:
         f"{RUN}/settings.json",
     params:
-        settings=settings_json,
-    run:
-        atomic_write_text(output[0], params.settings)
+        text=settings_json,
+    shell:
+        WRITE_PARAM
 
 
 rule study_config:
     output:
         f"{RESULTS}/config.json",
     params:
-        config=json.dumps(STUDY, indent=2, sort_keys=True) + "\n",
-    run:
-        atomic_write_text(output[0], params.config)
+        text=json.dumps(STUDY, sort_keys=True),
+    shell:
+        WRITE_PARAM
 
 
 def run_dir(cell):
