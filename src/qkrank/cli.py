@@ -9,8 +9,8 @@ import sys
 
 # Stage modules that own their own argument parsing; `qkrank NAME ...` hands them everything after NAME.
 DELEGATED = {
-    "bench": "benchmarks: training throughput and memory per preset (qkrank.bench)",
-    "verify": "integrity checks of every artifact; --fix deletes bad ones so the workflow rebuilds them (qkrank.verify)",
+    "bench": "benchmarks: training MFU vs matmul peak, naive-attention ratio, probe cost, workflow overhead, GPU (qkrank.bench)",
+    "verify": "integrity checks of every artifact; --fix deletes bad ones for the workflow to rebuild (qkrank.verify)",
 }
 INFO_KEYS = ("n_params", "n_params_non_embedding", "n_params_embedding", "n_layers", "d_model", "n_heads",
              "n_kv_heads", "head_dim", "kv_dim", "d_ff", "vocab_size", "max_seq_len", "norm_mode",
