@@ -9,7 +9,7 @@ import sys
 
 # Stage modules that own their own argument parsing; `qkrank NAME ...` hands them everything after NAME.
 DELEGATED = {
-    "bench": "benchmarks: training MFU vs matmul peak, naive-attention ratio, probe cost, workflow overhead, GPU (qkrank.bench)",
+    "bench": "benchmarks: training MFU, naive-attention ratio, probe cost, workflow overhead, GPU (qkrank.bench)",
     "verify": "integrity checks of every artifact; --fix deletes bad ones for the workflow to rebuild (qkrank.verify)",
 }
 INFO_KEYS = ("n_params", "n_params_non_embedding", "n_params_embedding", "n_layers", "d_model", "n_heads",
