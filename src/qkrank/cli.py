@@ -31,7 +31,7 @@ def human_count(n: int) -> str:
 
 def _parse_overrides(pairs: list[str]) -> dict:
     """`KEY=VALUE` strings -> ModelConfig overrides, each value parsed as the type of that field."""
-    from qkrank.model import PRESETS
+    from qkrank.presets import PRESETS
 
     example = next(iter(PRESETS.values())).to_dict()
     out = {}
@@ -85,7 +85,7 @@ def markdown_table(infos: list[dict]) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from qkrank.model import PRESETS
+    from qkrank.presets import PRESETS
 
     if args.table:
         infos = [preset_info(name, args.mode) for name in PRESETS]
@@ -115,7 +115,7 @@ def _delegate(command: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qkrank.model import NORM_MODES, PRESETS
+    from qkrank.presets import NORM_MODES, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="qkrank", description="QK-Norm, learned γ and the rank of attention keys: tools beside the workflow.")

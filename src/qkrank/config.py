@@ -137,7 +137,7 @@ def _nearest_multiples(value: int, step: int, minimum: int) -> str:
 
 def _check_scale(where: str, settings: dict) -> None:
     """Semantic checks the schema cannot express; ``where`` prefixes field names in messages."""
-    from qkrank.model import ModelConfig  # torch import deferred: config checks stay light
+    from qkrank.presets import ModelConfig  # torch import deferred: config checks stay light
 
     train = settings["train"]
     step = tokens_per_step(train)
@@ -220,7 +220,7 @@ def _check_data_fits(data: dict, settings: dict) -> None:
     where = f"scales.{settings['cell']['scale']}"
     model_vocab = settings["model"].get("vocab_size")
     if model_vocab is None:
-        from qkrank.model import PRESETS
+        from qkrank.presets import PRESETS
 
         model_vocab = PRESETS[settings["model"]["preset"]].vocab_size
     tokenizer = data["tokenizer"]
@@ -256,7 +256,8 @@ def cell_settings(config: dict, cell: Cell) -> dict:
     _check_scale(where, settings)
     settings["cell"] = {"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                         "seed": cell.seed, "id": cell.id}
-    settings["data"] = config["data"]
+    # num_proc changes how fast the data is built, not its bytes: it must not retrain a cell.
+    settings["data"] = {k: v for k, v in config["data"].items() if k != "num_proc"}
     return settings
 
 

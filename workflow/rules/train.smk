@@ -1,8 +1,8 @@
 def train_launcher(wildcards):
     nproc = settings_of(wildcards)["train"]["nproc"]
     if nproc == 1:
-        return f"{PY}"
-    return f"PYTHONPATH={SRC} torchrun --standalone --nproc_per_node={nproc}"
+        return "python"
+    return f"torchrun --standalone --nproc_per_node={nproc}"
 
 
 # A cell's `resources.<stage>` become the job's resources; the SLURM executor plugin turns them into sbatch
@@ -39,6 +39,8 @@ rule train:
     threads: cell_resource("train", "cpus")
     resources:
         **{name: cell_resource("train", key) for name, key in JOB_RESOURCES.items()},
+    # exec: SLURM's SIGTERM at the time limit must reach python (which checkpoints and exits 75), not a
+    # shell that dies and orphans it. >>: a resumed attempt's log follows the killed one's.
     shell:
-        "{params.launcher} -m qkrank.train --settings {input.settings} --data {DATA}"
-        " --out {params.run_dir} > {log} 2>&1"
+        "PYTHONPATH={SRC} exec {params.launcher} -m qkrank.train --settings {input.settings} --data {DATA}"
+        " --out {params.run_dir} >> {log} 2>&1"
