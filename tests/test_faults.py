@@ -35,6 +35,7 @@ def fault_config() -> dict:
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
     cfg["scales"]["tiny"]["train"]["total_tokens"] = 1024
+    cfg["scales"]["tiny"]["train"]["checkpoint_every_tokens"] = 512
     cfg["aggregate"]["marks_tokens"] = [512, 1024]
     return cfg
 
