@@ -444,6 +444,19 @@ def paradox_markdown(marks: pd.DataFrame, level: float, top_fraction: float) -> 
     return "\n\n".join(parts) + "\n"
 
 
+def _mode_tensor_grid(block: pd.DataFrame, row_key: str, row_label, digits: int):
+    """Columns (mode, tensor) for q and k of every mode, and one row of estimates per value of ``row_key``."""
+    columns = [(m, t) for m in ordered(block["mode"]) for t in ("q", "k")]
+    rows = []
+    for value in sorted(block[row_key].unique()):
+        row = [row_label(value)]
+        for mode, tensor in columns:
+            r = block[(block["mode"] == mode) & (block.tensor == tensor) & (block[row_key] == value)]
+            row.append("–" if r.empty else _estimate(r.iloc[0], digits))
+        rows.append(row)
+    return columns, rows
+
+
 def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: list[str]) -> str:
     """Seed 004 §5: γ CV per layer (rows) for q and k of each mode with γ (columns), at the final checkpoint."""
     without = [m for m in ordered(all_modes) if m not in set(final["mode"])]
@@ -452,14 +465,7 @@ def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: list[str]) -
         return f"No mode of this study has γ.{tail}\n"
     parts = []
     for (scale, optimizer), block in final.groupby(["scale", "optimizer"], sort=False):
-        columns = [(m, t) for m in ordered(block["mode"]) for t in ("q", "k")]
-        rows = []
-        for layer in sorted(block.layer.unique()):
-            row = [str(layer)]
-            for mode, tensor in columns:
-                r = block[(block["mode"] == mode) & (block.tensor == tensor) & (block.layer == layer)]
-                row.append("–" if r.empty else _estimate(r.iloc[0], 4))
-            rows.append(row)
+        columns, rows = _mode_tensor_grid(block, "layer", str, 4)
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** (CV = std/mean of the γ entries of one layer; {note}; "
                                 f"frozen γ = 1 gives exactly 0).{tail} {_mode_legend(block['mode'])}.", "",
@@ -471,14 +477,7 @@ def mean_pr_markdown(bands: pd.DataFrame, level: float) -> str:
     """Mean query and key PR vs tokens: one row per checkpoint, columns mode × tensor."""
     parts = []
     for (scale, optimizer), block in bands.groupby(["scale", "optimizer"], sort=False):
-        columns = [(m, t) for m in ordered(block["mode"]) for t in ("q", "k")]
-        rows = []
-        for tokens in sorted(block.tokens_seen.unique()):
-            row = [f"{tokens:,}"]
-            for mode, tensor in columns:
-                r = block[(block["mode"] == mode) & (block.tensor == tensor) & (block.tokens_seen == tokens)]
-                row.append("–" if r.empty else _estimate(r.iloc[0], 2))
-            rows.append(row)
+        columns, rows = _mode_tensor_grid(block, "tokens_seen", "{:,}".format, 2)
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** (PR averaged over layers and heads; {note}). "
                                 f"{_mode_legend(block['mode'])}.", "",
