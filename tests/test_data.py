@@ -350,15 +350,16 @@ KILL_SCRIPT = """
 import os, signal, sys, json
 from pathlib import Path
 from qkrank import data
+from qkrank.data import tokenizer
 calls = 0
-original = data._encode
+original = tokenizer._encode
 def encode_then_die(tokenizer, texts):
     global calls
     calls += 1
     if calls == 3:  # mid-tokenization: tokenizer saved, shards half written
         os.kill(os.getpid(), signal.SIGKILL)
     return original(tokenizer, texts)
-data._encode = encode_then_die
+tokenizer._encode = encode_then_die
 data.prepare(json.loads(sys.argv[1]), Path(sys.argv[2]))
 """
 
@@ -389,7 +390,7 @@ def test_error_midway_leaves_no_partial_outputs(fineweb_dir, tmp_path, monkeypat
     def fail(tokenizer, texts):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_encode", fail)
+    monkeypatch.setattr(data.tokenizer, "_encode", fail)
     with pytest.raises(KeyboardInterrupt):
         data.prepare(cfg, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

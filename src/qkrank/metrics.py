@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from qkrank.atomic import atomic_write_text
+from qkrank.progress import TokenBar
 
 COLUMNS = ("tokens_seen", "step", "train_loss", "val_loss", "lr_muon", "lr_adamw", "grad_norm",
            "tokens_per_s", "wall_s")
@@ -34,44 +31,18 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, rows_to_csv(rows))
 
 
-class Progress:
-    """A tqdm bar (tokens/s, loss, ETA) on a terminal; otherwise a plain line every ``every_s`` seconds.
-
-    Batch logs (SLURM, Snakemake ``log:``) get the plain lines, which stay readable without carriage returns.
-    """
+class Progress(TokenBar):
+    """Training progress: tokens seen with loss and tokens/s (the bar or plain-line logic is ``TokenBar``'s)."""
 
     def __init__(self, name: str, total_tokens: int, tokens_seen: int, enabled: bool = True,
                  tty: bool | None = None, every_s: float = 30.0, stream=None):
-        self.name, self.total, self.every_s = name, total_tokens, every_s
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        tty = self.stream.isatty() if tty is None else tty
-        self.bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
-                        desc=name, file=self.stream, disable=not (enabled and tty))
-        self._last_line = time.perf_counter()
+        super().__init__(name, total_tokens, tokens_seen, enabled=enabled, tty=tty, every_s=every_s, stream=stream)
 
     def update(self, tokens_seen: int, step_tokens: int, loss: float, tokens_per_s: float,
                force_line: bool = False) -> None:
         """Advance by one optimizer step; ``force_line`` prints a plain line now (e.g. at a checkpoint)."""
-        if not self.enabled:
-            return
-        if not self.bar.disable:
-            self.bar.update(step_tokens)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            return
-        if force_line or time.perf_counter() - self._last_line >= self.every_s:
-            self.line(f"{tokens_seen:,}/{self.total:,} tokens ({100 * tokens_seen / self.total:.1f}%), "
-                      f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s")
+        def line() -> str:
+            return (f"{tokens_seen:,}/{self.total:,} tokens ({100 * tokens_seen / self.total:.1f}%), "
+                    f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s")
 
-    def line(self, text: str) -> None:
-        """A message that must not be lost in the bar: printed above it, or as a plain line."""
-        if not self.enabled:
-            return
-        if self.bar.disable:
-            print(f"{self.name}: {text}", file=self.stream, flush=True)
-        else:
-            self.bar.write(f"{self.name}: {text}", file=self.stream)
-        self._last_line = time.perf_counter()
-
-    def close(self) -> None:
-        self.bar.close()
+        self.advance(step_tokens, line, {"loss": f"{loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}, force_line)

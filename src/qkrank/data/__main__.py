@@ -1,0 +1,3 @@
+from qkrank.data.cli import main
+
+main()
