@@ -19,6 +19,7 @@ from qkrank.model import (
     SITES,
     TENSORS,
     ModelConfig,
+    RMSNorm,
     apply_rope,
     build_on_meta,
     model_summary,
@@ -141,6 +142,31 @@ def test_sdpa_attention_equals_naive_reference(mode):
         got = attn(x, model.rope_cos, model.rope_sin)
         want = naive_attention(attn, x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+def rms_norm_reference(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x)_j = γ_j · x_j / sqrt(mean_i x_i² + eps), in float64."""
+    x = x.double()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma.double()
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_rms_norm_matches_the_formula(trainable):
+    torch.manual_seed(3)
+    norm = RMSNorm(64, eps=1e-6, trainable=trainable)
+    assert isinstance(norm.weight, torch.nn.Parameter) == trainable  # a frozen γ is a buffer
+    assert [n for n, _ in norm.named_buffers()] == ([] if trainable else ["weight"])
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 64))  # a wrong axis or a missing γ would show
+    x = torch.randn(4, 16, 64) * 3
+    x[0, 0] = 1e-5  # eps matters here: a norm without it (or with it outside the root) would differ
+    want = rms_norm_reference(x, norm.weight, 1e-6)
+    # float32 computation against float64: the default float32 tolerances (rtol 1.3e-6, atol 1e-5).
+    torch.testing.assert_close(norm(x), want.float())
+    # bf16 in, bf16 out, computed in float32: within bf16 rounding of the exact value.
+    got_bf16 = norm(x.bfloat16())
+    assert got_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf16, want.bfloat16())
 
 
 def test_rope_score_depends_only_on_relative_position():

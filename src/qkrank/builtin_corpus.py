@@ -76,7 +76,8 @@ def load_documents(path: Path = CORPUS_PATH) -> list[dict]:
 
 
 def corpus_sha256(path: Path = CORPUS_PATH) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv=None) -> None:
