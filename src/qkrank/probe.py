@@ -25,6 +25,7 @@ from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards, sha256_file
 from qkrank.model import GPT, SITES, TENSORS, ModelConfig
+from qkrank.provenance import hdf5_attributes
 from qkrank.rank import SpectrumAccumulator, all_metrics
 
 SCHEMA_VERSION = 1
@@ -226,6 +227,7 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
         "n_heads": model_cfg.n_heads, "n_kv_heads": model_cfg.n_kv_heads, "head_dim": model_cfg.head_dim,
         "device": device.type,
     }
+    attrs.update(hdf5_attributes())  # qkrank version, git commit and state, torch version
     if snap.get("val_loss") is not None:
         attrs["val_loss"] = float(snap["val_loss"])
     # No chunk cache: act is written in whole chunks, and a cache would keep them in memory until closing.

@@ -31,6 +31,7 @@ from qkrank.data import DataError, TokenShards, sha256_file
 from qkrank.metrics import Progress, write_csv
 from qkrank.model import GPT, ModelConfig
 from qkrank.optim import build_optimizers, lr_factor, set_lr
+from qkrank.provenance import provenance
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -268,7 +269,8 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
                      for t in sorted(snapshot_marks)}
         manifest = {"cell": cell, "config_hash": cfg_hash, "data_hash": shards.content_hash,
                     "tokens_seen": tokens_seen, "steps": step, "tokens_per_step": step_tokens,
-                    "snapshots": snapshots, "n_params": model.num_params(), "runtime": rt.describe()}
+                    "snapshots": snapshots, "n_params": model.num_params(), "runtime": rt.describe(),
+                    "provenance": provenance()}
         atomic_write_text(run_dir / "train.json", json.dumps(manifest, indent=2) + "\n")
         # Done: a forced rerun must retrain from zero, not resume the finished state.
         shutil.rmtree(resume_dir, ignore_errors=True)
