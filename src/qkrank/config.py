@@ -141,7 +141,6 @@ def _check_scale(where: str, settings: dict) -> None:
 
     train = settings["train"]
     step = tokens_per_step(train)
-    train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
     warmup = settings["optim"]["schedule"]["warmup_tokens"]
     token_counts = {"train.total_tokens": (train["total_tokens"], 1),
                     "train.checkpoint_every_tokens": (train["checkpoint_every_tokens"], 1),
@@ -200,7 +199,7 @@ def load(source: str | Path | dict | None = None) -> dict:
                 raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
     else:
         raw = source
-    config = validate_schema(raw)
+    config = validate_schema(raw)  # the one schema pass: it fills the defaults of every scale too
     for scale in config["grid"]["scales"]:
         if scale not in config["scales"]:
             raise ConfigError(f"config field 'grid.scales': unknown scale {scale!r}; "
@@ -210,14 +209,24 @@ def load(source: str | Path | dict | None = None) -> dict:
         if cell_id not in valid_ids:
             raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
                               f"cells: {sorted(valid_ids)}")
-    for cell in cells(config):
-        _check_data_fits(config["data"], cell_settings(config, cell))
+    # Semantic checks once per distinct settings: each scale of the grid, and each overridden cell (the only
+    # settings the schema pass has not seen whole: an override is partial, so it is checked merged).
+    schema = load_schema()
+    scale_schema = {"$defs": schema["$defs"], **schema["$defs"]["scale"]}
+    distinct = [(f"scales.{scale}", scale, None) for scale in config["grid"]["scales"]]
+    distinct += [(f"cell_overrides.{cell_id}", Cell.parse(cell_id).scale, cell_id)
+                 for cell_id in config["cell_overrides"]]
+    for where, scale, cell_id in distinct:
+        settings = _merged(config, scale, cell_id)
+        if cell_id is not None:
+            _validated(settings, scale_schema, where + ".")
+        _check_scale(where, settings)
+        _check_data_fits(config["data"], settings, where)
     return config
 
 
-def _check_data_fits(data: dict, settings: dict) -> None:
+def _check_data_fits(data: dict, settings: dict, where: str) -> None:
     """The model's vocabulary holds the tokenizer's, and capped splits hold one sequence of each use."""
-    where = f"scales.{settings['cell']['scale']}"
     model_vocab = settings["model"].get("vocab_size")
     if model_vocab is None:
         from qkrank.presets import PRESETS
@@ -247,13 +256,21 @@ def load_from_args(args) -> dict:
     return load(args.config)
 
 
+def _merged(config: dict, scale: str, cell_id: str | None) -> dict:
+    """A scale with a cell's override merged over it, and the one default the schema cannot state."""
+    settings = deep_merge(config["scales"][scale], config["cell_overrides"].get(cell_id, {}))
+    train = settings["train"]
+    train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
+    return settings
+
+
 def cell_settings(config: dict, cell: Cell) -> dict:
-    """Everything that determines one cell's training and probes, fully resolved and checked."""
-    settings = deep_merge(config["scales"][cell.scale], config["cell_overrides"].get(cell.id, {}))
-    schema = load_schema()
-    where = f"cell_overrides.{cell.id}" if cell.id in config["cell_overrides"] else f"scales.{cell.scale}"
-    settings = _validated(settings, {"$defs": schema["$defs"], **schema["$defs"]["scale"]}, where + ".")
-    _check_scale(where, settings)
+    """Everything that determines one cell's training and probes, fully resolved.
+
+    ``config`` comes from ``load``, which has validated and checked every cell's settings: nothing is
+    validated again here.
+    """
+    settings = _merged(config, cell.scale, cell.id)
     settings["cell"] = {"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                         "seed": cell.seed, "id": cell.id}
     # num_proc changes how fast the data is built, not its bytes: it must not retrain a cell.

@@ -80,7 +80,9 @@ class _Section:
 
 def _plain(value):
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+        # A field that may be left out of the config (default None) is left out again when it was.
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
+                if not (f.default is None and getattr(value, f.name) is None)}
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
@@ -303,20 +305,21 @@ class CellSettings(_Section):
         return out
 
 
-# The schema object each class mirrors, as a path of property names from the schema's root or $defs/scale.
-SCHEMA_PATHS: dict[type, tuple[str, ...]] = {
-    ModelSettings: ("scale", "model"),
-    TrainSettings: ("scale", "train"),
-    OptimSettings: ("scale", "optim"),
-    MuonSettings: ("scale", "optim", "muon"),
-    AdamWSettings: ("scale", "optim", "adamw"),
-    ScheduleSettings: ("scale", "optim", "schedule"),
-    ProbeSettings: ("scale", "probe"),
-    ResourcesSettings: ("scale", "resources"),
-    JobResources: ("resources",),
-    DataSettings: ("data",),
-    TokenizerSettings: ("data", "tokenizer"),
-    HFSettings: ("data", "hf"),
-    HFSource: ("data", "hf", "sources", "[]"),
-    FilesSettings: ("data", "files"),
+# The schema object each class mirrors, as a JSON pointer into workflow/schemas/config.schema.yaml.
+_SCALE, _DATA = "/$defs/scale/properties", "/properties/data/properties"
+SCHEMA_POINTERS: dict[type, str] = {
+    ModelSettings: f"{_SCALE}/model",
+    TrainSettings: f"{_SCALE}/train",
+    OptimSettings: f"{_SCALE}/optim",
+    MuonSettings: f"{_SCALE}/optim/properties/muon",
+    AdamWSettings: f"{_SCALE}/optim/properties/adamw",
+    ScheduleSettings: f"{_SCALE}/optim/properties/schedule",
+    ProbeSettings: f"{_SCALE}/probe",
+    ResourcesSettings: f"{_SCALE}/resources",
+    JobResources: "/$defs/resources",
+    DataSettings: "/properties/data",
+    TokenizerSettings: f"{_DATA}/tokenizer",
+    HFSettings: f"{_DATA}/hf",
+    HFSource: f"{_DATA}/hf/properties/sources/items",
+    FilesSettings: f"{_DATA}/files",
 }

@@ -1,0 +1,120 @@
+"""Typed settings: the dataclasses mirror the schema field for field, and build strictly from validated configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+from conftest import micro_config
+
+from qkrank import config as qconfig
+from qkrank.settings import (
+    SCHEMA_POINTERS,
+    CellSettings,
+    DataSettings,
+    ModelSettings,
+    SettingsError,
+    TrainSettings,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
+# Fields without a schema default that the config resolves itself (qkrank.config.cell_settings).
+RESOLVED = {(TrainSettings, "val_every_tokens")}
+# JSON schema type → the Python types a field's annotation must allow.
+PY_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "null": type(None),
+            "array": tuple, "object": object}
+
+
+def resolve(schema: dict, node: dict) -> dict:
+    """``node`` with a ``$ref`` to ``#/$defs/...`` merged in (the referring keys win)."""
+    return schema["$defs"][node["$ref"].rsplit("/", 1)[1]] | node if "$ref" in node else node
+
+
+def schema_object(schema: dict, pointer: str) -> dict:
+    node = schema
+    for name in pointer.strip("/").split("/"):
+        node = node[name]
+    return resolve(schema, node)
+
+
+def allowed_types(prop: dict, schema: dict) -> set:
+    prop = resolve(schema, prop)
+    if "enum" in prop:
+        return {type(v) for v in prop["enum"]}
+    kinds = prop.get("type", "object")
+    return {PY_TYPES[k] for k in ([kinds] if isinstance(kinds, str) else kinds)}
+
+
+def annotation_types(tp) -> set:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        return {tuple}
+    if args:
+        return set().union(*(annotation_types(a) for a in args))
+    return {object if dataclasses.is_dataclass(tp) else tp}
+
+
+@pytest.mark.parametrize("cls", list(SCHEMA_POINTERS), ids=lambda c: c.__name__)
+def test_fields_mirror_the_schema(cls):
+    schema = qconfig.load_schema()
+    node = schema_object(schema, SCHEMA_POINTERS[cls])
+    properties = node["properties"]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(fields) == set(properties), f"{cls.__name__} vs schema {SCHEMA_POINTERS[cls]}"
+    for name, prop in properties.items():
+        prop_full = resolve(schema, prop)
+        optional = "default" not in prop_full and name not in node.get("required", [])
+        has_default = fields[name].default is not dataclasses.MISSING
+        if (cls, name) in RESOLVED:
+            assert optional and not has_default
+        else:
+            # Defaults live in the schema only; a field may default (to None) only where the schema has none.
+            assert has_default == optional, f"{cls.__name__}.{name}"
+            if has_default:
+                assert fields[name].default is None
+        want = allowed_types(prop, schema) | ({type(None)} if has_default else set())
+        got = annotation_types(hints[name])
+        if float in got:
+            got.add(int)  # a JSON number may be written as 1
+        assert want <= got, f"{cls.__name__}.{name}: annotation {got} lacks schema types {want}"
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_cell_of_the_shipped_studies_round_trips(study):
+    config = qconfig.load(study)
+    for cell in qconfig.cells(config):
+        settings = qconfig.cell_settings(config, cell)
+        typed = CellSettings.from_dict(settings)
+        assert typed.to_dict() == settings
+        assert typed.cell.id == cell.id and typed.train.tokens_per_step == qconfig.tokens_per_step(settings["train"])
+        assert typed.data.num_proc is None  # a cell's data settings leave the worker count out
+    data = DataSettings.from_dict(config["data"])
+    assert data.to_dict() == config["data"] and data.num_proc == config["data"]["num_proc"]
+
+
+def test_from_dict_rejects_unknown_and_missing_fields_by_name():
+    config = qconfig.load(micro_config())
+    settings = qconfig.cell_settings(config, qconfig.cells(config)[0])
+    typo = {**settings, "train": {**settings["train"], "seq_lne": 64}}
+    with pytest.raises(SettingsError, match=r"'settings.train.seq_lne': unknown key"):
+        CellSettings.from_dict(typo)
+    missing = {**settings, "optim": {**settings["optim"], "muon": {k: v for k, v in settings["optim"]["muon"].items()
+                                                                  if k != "lr"}}}
+    with pytest.raises(SettingsError, match=r"'settings.optim.muon.lr': missing"):
+        CellSettings.from_dict(missing)
+    with pytest.raises(SettingsError, match=r"'data.tokenizer': expected a mapping"):
+        DataSettings.from_dict({**config["data"], "tokenizer": "bpe"})
+
+
+def test_settings_are_frozen_and_model_overrides_are_only_those_given():
+    config = qconfig.load(micro_config())
+    typed = CellSettings.from_dict(qconfig.cell_settings(config, qconfig.cells(config)[0]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        typed.train.seq_len = 1  # type: ignore[misc]
+    assert typed.model == ModelSettings(preset="tiny", vocab_size=512, n_layers=2)
+    assert typed.model.overrides() == {"vocab_size": 512, "n_layers": 2}
+    assert isinstance(typed.data.hf.sources, tuple) and isinstance(typed.data.files.paths, tuple)
