@@ -118,3 +118,19 @@ def test_settings_are_frozen_and_model_overrides_are_only_those_given():
     assert typed.model == ModelSettings(preset="tiny", vocab_size=512, n_layers=2)
     assert typed.model.overrides() == {"vocab_size": 512, "n_layers": 2}
     assert isinstance(typed.data.hf.sources, tuple) and isinstance(typed.data.files.paths, tuple)
+
+
+def test_the_config_is_validated_once(monkeypatch):
+    calls = []
+    original = qconfig._validated
+    monkeypatch.setattr(qconfig, "_validated", lambda *a, **k: calls.append(a[2] if len(a) > 2 else "") or
+                        original(*a, **k))
+    override = "tiny/none/muon/seed0"
+    config = qconfig.load(micro_config(cell_overrides={override: {"train": {"val_tokens": 128}}}))
+    # The whole config once; the override once, merged over its scale (the schema pass saw it only partial).
+    assert calls == ["", f"cell_overrides.{override}."]
+    settings = [qconfig.cell_settings(config, cell) for cell in qconfig.cells(config)]
+    assert len(calls) == 2  # resolving cells validates nothing again
+    assert [s["train"]["val_tokens"] for s in settings] == [256, 256, 128]
+    with pytest.raises(qconfig.ConfigError, match=rf"'cell_overrides.{override}.train.val_tokens'"):
+        qconfig.load(micro_config(cell_overrides={override: {"train": {"val_tokens": 0}}}))

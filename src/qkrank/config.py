@@ -42,7 +42,7 @@ class Cell:
 
 
 def load_schema() -> dict:
-    """The parsed schema, a fresh copy each call (it is asked for once per cell; parsing it is the slow part)."""
+    """The parsed schema, a fresh copy each call (parsing it is the slow part, so it is parsed once)."""
     return copy.deepcopy(_parsed_schema())
 
 
@@ -209,11 +209,13 @@ def load(source: str | Path | dict | None = None) -> dict:
         if cell_id not in valid_ids:
             raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
                               f"cells: {sorted(valid_ids)}")
-    # Semantic checks once per distinct settings: each scale of the grid, and each overridden cell (the only
-    # settings the schema pass has not seen whole: an override is partial, so it is checked merged).
+    # Semantic checks once per distinct settings: each scale that some cell uses as is, and each overridden
+    # cell (the only settings the schema pass has not seen whole: an override is partial, so it is checked
+    # merged over its scale).
     schema = load_schema()
     scale_schema = {"$defs": schema["$defs"], **schema["$defs"]["scale"]}
-    distinct = [(f"scales.{scale}", scale, None) for scale in config["grid"]["scales"]]
+    plain_scales = dict.fromkeys(c.scale for c in cells(config) if c.id not in config["cell_overrides"])
+    distinct = [(f"scales.{scale}", scale, None) for scale in plain_scales]
     distinct += [(f"cell_overrides.{cell_id}", Cell.parse(cell_id).scale, cell_id)
                  for cell_id in config["cell_overrides"]]
     for where, scale, cell_id in distinct:
