@@ -119,10 +119,25 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def is_hf_scale(scale: dict) -> bool:
+    """A public checkpoint suite (``model.hf``): probed, never trained (qkrank.suites)."""
+    return "hf" in scale.get("model", {})
+
+
 def cells(config: dict) -> list[Cell]:
+    """The grid's cells; an hf scale has one cell, {scale}/{its architecture's mode}/pretrained/seed0."""
+    from qkrank import suites
+
     grid = config["grid"]
-    return [Cell(s, m, o, seed) for s in grid["scales"] for m in grid["modes"]
-            for o in grid["optimizers"] for seed in grid["seeds"]]
+    out = []
+    for s in grid["scales"]:
+        scale = config["scales"].get(s, {})
+        if is_hf_scale(scale):
+            mode = suites.ARCHITECTURES[scale["model"]["architecture"]].mode
+            out.append(Cell(s, mode, suites.OPTIMIZER, suites.SEED))
+        else:
+            out += [Cell(s, m, o, seed) for m in grid["modes"] for o in grid["optimizers"] for seed in grid["seeds"]]
+    return out
 
 
 def tokens_per_step(train: dict) -> int:
@@ -211,7 +226,9 @@ def load(source: str | Path | dict | None = None) -> dict:
             raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
                               f"cells: {sorted(valid_ids)}")
     for cell in cells(config):
-        _check_data_fits(config["data"], cell_settings(config, cell))
+        settings = cell_settings(config, cell)
+        if "hf" not in settings["model"]:
+            _check_data_fits(config["data"], settings)
     return config
 
 
@@ -252,8 +269,12 @@ def cell_settings(config: dict, cell: Cell) -> dict:
     settings = deep_merge(config["scales"][cell.scale], config["cell_overrides"].get(cell.id, {}))
     schema = load_schema()
     where = f"cell_overrides.{cell.id}" if cell.id in config["cell_overrides"] else f"scales.{cell.scale}"
-    settings = _validated(settings, {"$defs": schema["$defs"], **schema["$defs"]["scale"]}, where + ".")
-    _check_scale(where, settings)
+    kind = "hf_scale" if is_hf_scale(settings) else "scale"
+    settings = _validated(settings, {"$defs": schema["$defs"], **schema["$defs"][kind]}, where + ".")
+    if kind == "hf_scale":
+        _check_hf_scale(where, settings)
+    else:
+        _check_scale(where, settings)
     settings["cell"] = {"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                         "seed": cell.seed, "id": cell.id}
     # num_proc changes how fast the data is built, not its bytes: it must not retrain a cell.
@@ -261,8 +282,24 @@ def cell_settings(config: dict, cell: Cell) -> dict:
     return settings
 
 
+def _check_hf_scale(where: str, settings: dict) -> None:
+    """An hf scale: each revision's tokens are known and distinct, and the probe's seq_len is given."""
+    from qkrank import suites
+
+    try:
+        settings["schedule"] = suites.schedule(settings["model"], where)
+    except suites.SuiteError as e:
+        field, _, why = str(e).partition(": ")
+        raise ConfigError(f"config field '{field}': {why}") from None
+    if settings["probe"]["seq_len"] is None:
+        raise ConfigError(f"config field '{where}.probe.seq_len': required for an hf scale (there is no "
+                          f"train.seq_len); at most the model's context, e.g. 2048 for Pythia")
+
+
 def checkpoint_tokens(settings: dict) -> list[int]:
-    """Tokens seen at each snapshot: 0, every interval, and the end."""
+    """Tokens seen at each snapshot: 0, every interval, and the end (an hf scale: each revision's)."""
+    if "schedule" in settings:
+        return [entry["tokens"] for entry in settings["schedule"]]
     train = settings["train"]
     every, total = train["checkpoint_every_tokens"], train["total_tokens"]
     marks = list(range(0, total + 1, every))
