@@ -524,6 +524,8 @@ def _json_clean(obj):
 
 def verdict_markdown(results: list[dict]) -> str:
     """Each verdict with its evidence: per-mode intervals and the three pairwise relations."""
+    if not results:  # only public checkpoint suites, which have one mode each (docs/suites.md)
+        return "No scenario verdict: no trained scale has modes to compare.\n"
     parts = []
     for v in results:
         level = v["ci_level"]
