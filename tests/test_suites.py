@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import h5py  # noqa: E402
 import torch  # noqa: E402
-from conftest import REPO, run_snakemake, write_config  # noqa: E402
+from conftest import MICRO_CONFIG, REPO, run_snakemake, write_config  # noqa: E402
 from tiny_suites import NEOX_REVISIONS, OLMO2_REVISIONS, build_suite, neox_config, olmo2_config  # noqa: E402
 
 from qkrank import config as qconfig  # noqa: E402
@@ -265,11 +265,15 @@ def copy_project(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_whole_workflow_on_tiny_suites(tmp_path, tiny_suites):
+def test_whole_workflow_on_tiny_suites_beside_a_trained_scale(tmp_path, tiny_suites):
     from qkrank.figures import FIGURES
 
     root = copy_project(tmp_path)
-    write_config(root / "suites.yaml", suite_config(tiny_suites))
+    cfg = suite_config(tiny_suites)
+    cfg["grid"]["scales"].append("tiny")  # the micro study's trained scale, in modes learned and frozen
+    cfg["grid"]["modes"] = ["learned", "frozen"]  # (grid.modes applies to trained scales only)
+    cfg["scales"]["tiny"] = MICRO_CONFIG["scales"]["tiny"]
+    write_config(root / "suites.yaml", cfg)
     run_snakemake(root, root / "suites.yaml", snakefile=root / "Snakefile")
     results = root / "results"
     for cell, tokens in (("neox/none/pretrained/seed0", [0, 2000, 8000]),
@@ -284,12 +288,17 @@ def test_whole_workflow_on_tiny_suites(tmp_path, tiny_suites):
 
     mean_pr = pd.read_csv(results / "tables/mean_pr_ci.csv")
     assert set(zip(mean_pr.scale, mean_pr["mode"], mean_pr.optimizer, strict=True)) == {
-        ("neox", "none", "pretrained"), ("olmo2", "learned", "pretrained")}
-    assert set(pd.read_csv(results / "tables/gamma.csv").scale) == {"olmo2"}
-    assert json.loads((results / "verdict.json").read_text()) == []
+        ("neox", "none", "pretrained"), ("olmo2", "learned", "pretrained"), ("tiny", "learned", "muon"),
+        ("tiny", "frozen", "muon")}
+    assert set(pd.read_csv(results / "tables/gamma.csv").scale) == {"olmo2", "tiny"}
+    assert set(pd.read_csv(results / "tables/losses.csv").scale) == {"tiny"}  # suites have no training log
+    assert {(v["scale"], v["optimizer"]) for v in json.loads((results / "verdict.json").read_text())} == {
+        ("tiny", "muon")}  # the verdict compares the trained scale's modes only
     for name in FIGURES:
         assert (results / "figures" / f"{name}.png").exists() or list((results / "figures" / name).rglob("*.png"))
     assert (results / "figures/layer_heatmap/olmo2/pretrained/learned.png").exists()
+    assert (results / "figures/layer_heatmap/tiny/muon/frozen.png").exists()
+    assert not (results / "figures/layer_heatmap/neox/muon").exists()
     assert (results / "figures/gamma_distribution/olmo2/pretrained/learned.png").exists()
     summary = (results / "summary.md").read_text()
     assert summary.count("no verdict") == 2 and "not comparable" in summary
