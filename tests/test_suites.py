@@ -304,7 +304,10 @@ def test_whole_workflow_on_tiny_suites_beside_a_trained_scale(tmp_path, tiny_sui
     assert summary.count("no verdict") == 2 and "not comparable" in summary
 
 
-def test_public_suites_config_builds_the_full_dag_offline(tmp_path):
+def test_public_suites_config_builds_the_full_dag_offline(tmp_path, monkeypatch):
+    # any attempt to reach the hub or the network fails at once
+    for name in ("HF_ENDPOINT", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
     root = copy_project(tmp_path)
     proc = run_snakemake(root, root / "configs/public_suites.yaml", "-n", "--quiet", "rules",
                          snakefile=root / "Snakefile")
@@ -313,4 +316,5 @@ def test_public_suites_config_builds_the_full_dag_offline(tmp_path):
     revisions = sum(len(cfg["scales"][s]["model"]["revisions"]) for s in cfg["grid"]["scales"])
     jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert jobs["probe_hf"] == revisions and "train" not in jobs and jobs["aggregate"] == 1, out
+    assert jobs["probe_hf"] == revisions == 72 and "train" not in jobs and jobs["aggregate"] == 1, out
+    assert not (root / cfg["results_dir"]).exists()  # nothing fetched or written while the DAG is built
