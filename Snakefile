@@ -24,6 +24,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/probe.smk"
+include: "workflow/rules/probe_hf.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from qkrank import config as qconfig
-from qkrank import verdict
+from qkrank import suites, verdict
 from qkrank.atomic import atomic_path, atomic_write_text
 from qkrank.figures.labels import MODE_LABELS, TENSOR_LABELS, format_tokens, ordered
 from qkrank.probe import SCHEMA_VERSION as PROBE_SCHEMA_VERSION
@@ -112,7 +112,7 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                         spectrum_cols["sv_normalized"].append((sv / sv.max(axis=1, keepdims=True)).ravel())
                 name = f"gamma_{tensor}"
                 if name in layer_group:
-                    gamma = layer_group[name][()]
+                    gamma = layer_group[name][()].ravel()  # hf OLMo-2: (heads, d), one γ per projection entry
                     gamma_cols["layer"].append(np.full(len(gamma), layer))
                     gamma_cols["tensor"].append(np.full(len(gamma), tensor))
                     gamma_cols["dim"].append(np.arange(len(gamma)))
@@ -163,12 +163,16 @@ def collect(config: dict, results: Path) -> dict[str, pd.DataFrame]:
             for name, frame in frames.items():
                 if len(frame):
                     parts[name].append(frame)
-        losses.append(read_losses(results, cell))
+        if not qconfig.is_hf_scale(settings):  # a public suite (qkrank.suites) has no training log
+            losses.append(read_losses(results, cell))
         checkpoints.append(pd.DataFrame({"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                                          "seed": cell.seed, "tokens_seen": tokens_list}))
     out = {name: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FRAME_COLUMNS[name])
            for name, frames in parts.items()}
-    out["losses"] = pd.concat(losses, ignore_index=True)
+    from qkrank.metrics import COLUMNS as LOSS_COLUMNS
+
+    out["losses"] = (pd.concat(losses, ignore_index=True) if losses
+                     else pd.DataFrame(columns=CELL_COLUMNS + list(LOSS_COLUMNS)))
     out["checkpoints"] = pd.concat(checkpoints, ignore_index=True)
     return out
 
@@ -218,6 +222,8 @@ def loss_curves(losses: pd.DataFrame, level: float) -> pd.DataFrame:
             split="train", loss=train.train_loss.rolling(TRAIN_SMOOTH_STEPS, min_periods=1).mean()))
         val = log.dropna(subset=["val_loss"]).sort_values("tokens_seen")
         frames.append(val[CELL_COLUMNS + ["tokens_seen"]].assign(split="validation", loss=val.val_loss))
+    if not frames:  # only public suites (no training logs)
+        frames = [pd.DataFrame(columns=CELL_COLUMNS + ["tokens_seen", "split", "loss"])]
     return seed_bands(pd.concat(frames, ignore_index=True), GROUP_COLUMNS + ["split", "tokens_seen"], "loss", level)
 
 
@@ -260,13 +266,14 @@ def per_seed_summary(kpr: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
     logs = dict(iter(losses.groupby(CELL_COLUMNS)))
     for key, traj in kpr.groupby(CELL_COLUMNS):
         traj = traj.sort_values("tokens_seen")
-        log = logs[key]
+        log = logs.get(key)
         i_min = traj.mean_pr.idxmin()
         rows.append(dict(zip(CELL_COLUMNS, key, strict=True)) | {
             "initial_mean_pr": traj.mean_pr.iloc[0], "minimum_mean_pr": traj.mean_pr.min(),
             "tokens_at_minimum": int(traj.tokens_seen[i_min]), "final_mean_pr": traj.mean_pr.iloc[-1],
             "final_tokens": int(traj.tokens_seen.iloc[-1]),
-            "final_train_loss": final_train_loss(log), "final_val_loss": final_val_loss(log)})
+            "final_train_loss": np.nan if log is None else final_train_loss(log),
+            "final_val_loss": np.nan if log is None else final_val_loss(log)})
     return pd.DataFrame(rows)
 
 
@@ -494,6 +501,8 @@ def verdicts(per_seed: pd.DataFrame, level: float, margin: float) -> list[dict]:
     """The scenario verdict per (scale, optimizer): on final mean key PR, and the same rule at the floor."""
     out = []
     for (scale, optimizer), block in per_seed.groupby(["scale", "optimizer"], sort=False):
+        if optimizer == suites.OPTIMIZER:  # a public suite: one run in one mode, nothing to compare it with
+            continue
         for quantity, label in VERDICT_QUANTITIES.items():
             values = {m: block.loc[block["mode"] == m, quantity].tolist() for m in ordered(block["mode"])}
             out.append({"scale": scale, "optimizer": optimizer, "quantity": quantity, "quantity_label": label}
@@ -515,6 +524,8 @@ def _json_clean(obj):
 
 def verdict_markdown(results: list[dict]) -> str:
     """Each verdict with its evidence: per-mode intervals and the three pairwise relations."""
+    if not results:  # only public checkpoint suites, which have one mode each (docs/suites.md)
+        return "No scenario verdict: no trained scale has modes to compare.\n"
     parts = []
     for v in results:
         level = v["ci_level"]

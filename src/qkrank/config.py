@@ -119,10 +119,25 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def is_hf_scale(scale: dict) -> bool:
+    """A public checkpoint suite (``model.hf``): probed, never trained (qkrank.suites)."""
+    return "hf" in scale.get("model", {})
+
+
 def cells(config: dict) -> list[Cell]:
+    """The grid's cells; an hf scale has one cell, {scale}/{its architecture's mode}/pretrained/seed0."""
+    from qkrank import suites
+
     grid = config["grid"]
-    return [Cell(s, m, o, seed) for s in grid["scales"] for m in grid["modes"]
-            for o in grid["optimizers"] for seed in grid["seeds"]]
+    out = []
+    for s in grid["scales"]:
+        scale = config["scales"].get(s, {})
+        if is_hf_scale(scale):
+            mode = suites.ARCHITECTURES[scale["model"]["architecture"]].mode
+            out.append(Cell(s, mode, suites.OPTIMIZER, suites.SEED))
+        else:
+            out += [Cell(s, m, o, seed) for m in grid["modes"] for o in grid["optimizers"] for seed in grid["seeds"]]
+    return out
 
 
 def tokens_per_step(train: dict) -> int:
@@ -213,17 +228,20 @@ def load(source: str | Path | dict | None = None) -> dict:
     # cell (the only settings the schema pass has not seen whole: an override is partial, so it is checked
     # merged over its scale).
     schema = load_schema()
-    scale_schema = {"$defs": schema["$defs"], **schema["$defs"]["scale"]}
     plain_scales = dict.fromkeys(c.scale for c in cells(config) if c.id not in config["cell_overrides"])
     distinct = [(f"scales.{scale}", scale, None) for scale in plain_scales]
     distinct += [(f"cell_overrides.{cell_id}", Cell.parse(cell_id).scale, cell_id)
                  for cell_id in config["cell_overrides"]]
     for where, scale, cell_id in distinct:
         settings = _merged(config, scale, cell_id)
+        kind = "hf_scale" if is_hf_scale(settings) else "scale"
         if cell_id is not None:
-            _validated(settings, scale_schema, where + ".")
-        _check_scale(where, settings)
-        _check_data_fits(config["data"], settings, where)
+            _validated(settings, {"$defs": schema["$defs"], **schema["$defs"][kind]}, where + ".")
+        if kind == "hf_scale":
+            _check_hf_scale(where, settings)
+        else:
+            _check_scale(where, settings)
+            _check_data_fits(config["data"], settings, where)
     return config
 
 
@@ -261,8 +279,9 @@ def load_from_args(args) -> dict:
 def _merged(config: dict, scale: str, cell_id: str | None) -> dict:
     """A scale with a cell's override merged over it, and the one default the schema cannot state."""
     settings = deep_merge(config["scales"][scale], config["cell_overrides"].get(cell_id, {}))
-    train = settings["train"]
-    train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
+    if "train" in settings:
+        train = settings["train"]
+        train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
     return settings
 
 
@@ -270,9 +289,12 @@ def cell_settings(config: dict, cell: Cell) -> dict:
     """Everything that determines one cell's training and probes, fully resolved.
 
     ``config`` comes from ``load``, which has validated and checked every cell's settings: nothing is
-    validated again here.
+    validated again here (an hf scale's revision schedule is resolved here, as ``settings["schedule"]``).
     """
     settings = _merged(config, cell.scale, cell.id)
+    if is_hf_scale(settings):
+        where = f"cell_overrides.{cell.id}" if cell.id in config["cell_overrides"] else f"scales.{cell.scale}"
+        _check_hf_scale(where, settings)
     settings["cell"] = {"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer,
                         "seed": cell.seed, "id": cell.id}
     # num_proc changes how fast the data is built, not its bytes: it must not retrain a cell.
@@ -280,8 +302,24 @@ def cell_settings(config: dict, cell: Cell) -> dict:
     return settings
 
 
+def _check_hf_scale(where: str, settings: dict) -> None:
+    """An hf scale: each revision's tokens are known and distinct, and the probe's seq_len is given."""
+    from qkrank import suites
+
+    try:
+        settings["schedule"] = suites.schedule(settings["model"], where)
+    except suites.SuiteError as e:
+        field, _, why = str(e).partition(": ")
+        raise ConfigError(f"config field '{field}': {why}") from None
+    if settings["probe"]["seq_len"] is None:
+        raise ConfigError(f"config field '{where}.probe.seq_len': required for an hf scale (there is no "
+                          f"train.seq_len); at most the model's context, e.g. 2048 for Pythia")
+
+
 def checkpoint_tokens(settings: dict) -> list[int]:
-    """Tokens seen at each snapshot: 0, every interval, and the end."""
+    """Tokens seen at each snapshot: 0, every interval, and the end (an hf scale: each revision's)."""
+    if "schedule" in settings:
+        return [entry["tokens"] for entry in settings["schedule"]]
     train = settings["train"]
     every, total = train["checkpoint_every_tokens"], train["total_tokens"]
     marks = list(range(0, total + 1, every))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from qkrank import config as qconfig
+from qkrank import suites
 from qkrank.atomic import atomic_write_text
 from qkrank.figures import FIGURES
 from qkrank.figures.labels import MODE_LABELS, format_tokens
@@ -103,7 +104,7 @@ def render(config: dict, results: Path, figures: list[Path], captions: Path, out
         f"heads. Intervals: {agg['ci_level']:.0%} Student-t over seeds (none with one seed). Token marks: {marks} "
         "(nearest checkpoint used, named in each table).", "",
         "## Verdict (seed 004 §2)", "",
-        *verdict_headline(verdicts), "",
+        *verdict_headline(verdicts), *suites.verdict_note(config), "",
         f"Rule (docs/verdict.md): two modes *differ* when their intervals are disjoint and their means more than "
         f"δ = {agg['verdict_margin']:.0%} of their mean apart; they are *equivalent* when the Welch interval of "
         "their difference lies inside ±δ. A: learned differs from frozen and none, which are equivalent; "

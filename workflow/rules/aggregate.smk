@@ -21,7 +21,7 @@ rule aggregate:
     input:
         config=f"{RESULTS}/config.json",
         probes=probe_files(),
-        metrics=[f"{run_dir(cell)}/metrics.csv" for cell in CELLS],
+        metrics=[f"{run_dir(cell)}/metrics.csv" for cell in CELLS if cell.optimizer != "pretrained"],
         code=[f"{SRC}/qkrank/aggregate.py", f"{SRC}/qkrank/verdict.py"],
     output:
         [aggregate_output(path) for path in TABLES],

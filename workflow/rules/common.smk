@@ -32,7 +32,7 @@ PY = f"PYTHONPATH={SRC} python"
 wildcard_constraints:
     scale=r"[A-Za-z0-9_.\-]+",
     mode="learned|frozen|none",
-    optimizer="muon|adamw",
+    optimizer="muon|adamw|pretrained",  # pretrained: hf scales (probe_hf.smk)
     seed=r"\d+",
     tokens=r"\d+",
 

@@ -22,8 +22,12 @@ def all_figures():
     out = []
     for name, spec in FIGURES.items():
         if "per_mode" in spec:
-            out += expand(figure_png(name), scale=GRID["scales"], optimizer=GRID["optimizers"],
+            trained = [s for s in GRID["scales"] if not qconfig.is_hf_scale(STUDY["scales"][s])]
+            out += expand(figure_png(name), scale=trained, optimizer=GRID["optimizers"],
                           mode=figure_modes(name, GRID["modes"]))
+            # an hf scale (probe_hf.smk) has one cell, {scale}/{its mode}/pretrained/seed0
+            out += [figure_png(name).format(scale=c.scale, optimizer=c.optimizer, mode=c.mode) for c in CELLS
+                    if c.optimizer == "pretrained" and c.mode in spec["per_mode"]]
         else:
             out.append(figure_png(name))
     return out

@@ -12,6 +12,9 @@ SPLIT_LABELS = {"train": "Training (rolling mean of 10 logged steps)", "validati
 
 
 def plot(curves: pd.DataFrame) -> p9.ggplot:
+    if curves.empty:
+        return style.empty_plot("Training and validation loss", "No training losses: every scale of this study is a "
+                                "public checkpoint suite, probed but not trained here")
     curves = style.with_band(style.facet_label(style.ordered_modes(curves)))
     # The first steps fall from log(vocab) and would squash the late differences between modes flat.
     curves = curves[curves.tokens_seen >= ZOOM_FROM * curves.groupby("panel").tokens_seen.transform("max")].copy()
