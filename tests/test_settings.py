@@ -88,6 +88,8 @@ def test_every_cell_of_the_shipped_studies_round_trips(study):
     config = qconfig.load(study)
     for cell in qconfig.cells(config):
         settings = qconfig.cell_settings(config, cell)
+        if qconfig.is_hf_scale(settings):
+            continue  # a public suite is probed, never trained: it has no CellSettings
         typed = CellSettings.from_dict(settings)
         assert typed.to_dict() == settings
         assert typed.cell.id == cell.id and typed.train.tokens_per_step == qconfig.tokens_per_step(settings["train"])
