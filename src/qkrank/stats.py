@@ -18,6 +18,7 @@ step-down over the pairs of one verdict controls the chance of any wrong claim a
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -45,7 +46,10 @@ def pair_tests(a, b, delta, alpha: float, level: float, paired: bool = True) -> 
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     delta = np.broadcast_to(np.asarray(delta, dtype=float), a.shape[:-1])
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        # identical differences over seeds (SD 0) give scipy's precision-loss warning and a NaN/inf statistic;
+        # decide() treats a NaN p-value as "not rejected"
+        warnings.simplefilter("ignore", RuntimeWarning)
         base = _ttest(a, b, np.zeros_like(delta), paired, "two-sided")
         ci, tost = base.confidence_interval(level), base.confidence_interval(1 - 2 * alpha)
         above = _ttest(a, b, delta, paired, "greater").pvalue   # H1: d > δ
