@@ -6,6 +6,8 @@ Each analysis is computed per seed (one run) and then summarised over seeds with
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -18,9 +20,11 @@ WEIGHT_SITE = "weight"  # probe files from schema 2 on store W_Q / W_K spectra a
 
 
 def _spearman(x, y) -> tuple[float, float]:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return np.nan, np.nan
-    r = stats.spearmanr(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # two points: ρ = ±1, no p-value
+        r = stats.spearmanr(x, y)
     return float(r.statistic), float(r.pvalue)
 
 

@@ -290,7 +290,7 @@ def analyses_markdown(gamma_pr: pd.DataFrame, gamma_dims: pd.DataFrame, depth: p
         last = gamma_dims[gamma_dims.tokens_seen == gamma_dims.tokens_seen.max()]
         first = gamma_dims[gamma_dims.tokens_seen == gamma_dims.tokens_seen.min()]
         rows = []
-        for (scale, optimizer, layer, tensor), block in last.groupby(["scale", "optimizer", "layer", "tensor"]):
+        for (scale, optimizer, layer, tensor), _block in last.groupby(["scale", "optimizer", "layer", "tensor"]):
             def pick(frame, q, scale=scale, optimizer=optimizer, layer=layer, tensor=tensor):
                 hit = frame[(frame.scale == scale) & (frame.optimizer == optimizer) & (frame.layer == layer)
                             & (frame.tensor == tensor) & (frame.quantity == q)]
