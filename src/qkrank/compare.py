@@ -18,6 +18,7 @@ from qkrank.figures.labels import ordered
 from qkrank.tables import SUMMARY_ROWS
 
 MARK_COMPARED = ("val_loss", "mean_pr")
+# The verdict's quantity first, then the floor (context), in this order in verdict.json and the summary.
 VERDICT_QUANTITIES = {"final_mean_pr": "final mean key PR", "minimum_mean_pr": "minimum mean key PR (collapse floor)"}
 PAIR_FIELDS = ("method", "n_a", "n_b", "estimate", "sd", "df", "ci_low", "ci_high", "tost_low", "tost_high", "margin",
                "p_zero", "p_equivalent", "p_different", "p_adjusted", "relation")
@@ -60,8 +61,10 @@ def paired_table(found: list[dict]) -> pd.DataFrame:
 
 def verdicts(found: list[dict]) -> list[dict]:
     """The scenario verdicts: final mean key PR, and the same rule at the collapse floor."""
-    return [s | {"quantity_label": VERDICT_QUANTITIES[s["quantity"]]} for s in found
-            if s["quantity"] in VERDICT_QUANTITIES and s["mark_tokens"] is None]
+    chosen = [s | {"quantity_label": VERDICT_QUANTITIES[s["quantity"]]} for s in found
+              if s["quantity"] in VERDICT_QUANTITIES and s["mark_tokens"] is None]
+    order = list(VERDICT_QUANTITIES)
+    return sorted(chosen, key=lambda s: (s["scale"], s["optimizer"], order.index(s["quantity"])))
 
 
 def effect(row, digits: int = 2) -> str:

@@ -84,7 +84,8 @@ def summary_markdown(summary: pd.DataFrame, level: float, paired: pd.DataFrame |
     parts = []
     for (scale, optimizer), block in summary.groupby(["scale", "optimizer"], sort=False):
         modes = ordered(block["mode"])
-        pairs, pair_row = _pair_lookup(paired, scale, optimizer)
+        # pair columns need an interval: with one seed the mode columns already show the difference
+        pairs, pair_row = _pair_lookup(paired if block.n_seeds.min() >= 2 else None, scale, optimizer)
         rows = [_seeds_row(block, modes) + ["" for _ in pairs]]
         for quantity in SUMMARY_ROWS:
             cells = []
@@ -103,7 +104,7 @@ def summary_markdown(summary: pd.DataFrame, level: float, paired: pd.DataFrame |
         note = _interval_note(int(block.n_seeds.min()), level)
         parts.append("\n".join([f"**{scale}, {optimizer}** ({note}; key PR at the configured site; the minimum's "
                                 f"token count is that of the seed-averaged trajectory). {_mode_legend(modes)}."
-                                f"{_pair_note(paired)}", "",
+                                f"{_pair_note(paired if pairs else None)}", "",
                                 *table(["Metric"] + modes + [f"{a} − {b}" for a, b in pairs], rows)]))
     return "\n\n".join(parts) + "\n"
 

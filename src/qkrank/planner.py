@@ -69,19 +69,22 @@ def planner_lines(v: dict) -> list[str]:
 
 
 def markdown(verdicts: list[dict]) -> str:
+    """Per verdict: a table of the pairs (relation now, SD, seeds needed, H100-hours) and the whole-verdict line."""
+    from qkrank.markdown import table
+
     out = []
     for v in verdicts:
         p = v.get("planner")
         if not p:
             continue
-        rows = [f"| {x['a']} − {x['b']} | {x['relation']} | {x['sd']:.3g} | {x['seeds'] or '>' + str(stats.MAX_SEEDS)} "
-                f"| {'–' if x['gpu_hours'] is None else format(x['gpu_hours'], '.3g')} |" for x in p["pairs"]]
+        rows = [[f"{x['a']} − {x['b']}", str(x["relation"]), "–" if x["sd"] is None else f"{x['sd']:.3g}",
+                 str(x["seeds"]) if x["seeds"] is not None else f"> {stats.MAX_SEEDS}",
+                 "–" if x["gpu_hours"] is None else f"{x['gpu_hours']:.3g}"] for x in p["pairs"]]
         out += [f"**{v['scale']}, {v['optimizer']} — {v['quantity_label']}** (now {v['scenario']}; "
-                f"{p['power']:.0%} power, α = {p['alpha']:g} over the pairs by Holm)", "",
-                "| pair | relation now | SD of paired difference | seeds needed | H100-hours |",
-                "|---|---|---:|---:|---:|", *rows, "",
+                f"{p['power']:.0%} power per pair at α/{max(len(p['pairs']), 1)} = Holm's strictest step)", "",
+                *table(["Pair", "Relation now", "SD of paired difference", "Seeds needed", "H100-hours"], rows), "",
                 f"All pairs together: {_count(p['seeds'])}{_hours(p['gpu_hours'])}.", ""]
-    return "\n".join(out)
+    return "\n".join(out) if out else "No verdict to plan for.\n"
 
 
 def main(argv=None) -> None:

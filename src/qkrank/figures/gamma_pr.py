@@ -15,7 +15,7 @@ def plot(points: pd.DataFrame, rho: pd.DataFrame) -> p9.ggplot:
     if points.empty:
         return style.empty_plot(TITLE, "No learned-γ mode in this study.")
     frame = style.facet_label(points)
-    frame["tensor"] = [f"{TENSOR_LABELS[t]}s" for t in frame.tensor]
+    frame["tensor"] = [f"γ of the {TENSOR_LABELS[t]} norm" for t in frame.tensor]
     frame["layer"] = frame.layer.astype(str)
     notes = "; ".join(f"{TENSOR_LABELS[r.tensor]}: ρ = {r['mean']:+.2f}"
                       + ("" if pd.isna(r.ci_low) else f" [{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
@@ -26,7 +26,7 @@ def plot(points: pd.DataFrame, rho: pd.DataFrame) -> p9.ggplot:
             + p9.facet_wrap(facets, scales="free")
             + p9.scale_size_continuous(range=(0.5, 3), name="Tokens seen")
             + p9.labs(x="CV of γ (std / mean)", y="PR of the layer (mean over heads)", color="Layer", title=TITLE,
-                      subtitle=f"Spearman ρ per run, mean over seeds [{style.band_note(rho, 'interval')}]: {notes}")
+                      subtitle=f"Spearman ρ per run, mean over seeds [{style.band_note(rho, 'interval')}]:\n{notes}")
             + style.theme())
 
 

@@ -31,15 +31,14 @@ def plot(paired: pd.DataFrame) -> p9.ggplot:
             + p9.geom_hline(yintercept=0, color="#999999", size=0.4)
             + p9.geom_errorbar(p9.aes(ymin="-margin", ymax="margin"), color="#bbbbbb", width=0.5, size=2, alpha=0.5)
             + p9.geom_pointrange(p9.aes(ymin="low", ymax="high"), size=0.4)
-            + p9.facet_grid(["pair", facets[-1]] if len(facets) == 1 else ["pair", "+".join(facets)],
-                            scales="free")
+            + p9.facet_wrap(["pair"] + facets, ncol=2, scales="free")
             + p9.coord_flip()
             + p9.scale_color_manual(values={"different": "#D55E00", "equivalent": "#009E73",
                                             "unresolved": "#666666"}, name="Decision")
             + p9.labs(x="", y="a − b", title=TITLE,
-                      subtitle=f"Mean per-seed difference; bars: {level:.0%} Student-t interval over {n} seeds "
-                               "(paired); grey bar: margin ±δ")
-            + style.theme(height=2.2 + 0.35 * frame.what.nunique() * frame.pair.nunique()))
+                      subtitle=f"Mean per-seed difference; bars: {level:.0%} Student-t interval over {n} seeds\n"
+                               "(paired); grey bar: the margin ±δ")
+            + style.theme(width=9, height=2.5 + 0.25 * frame.what.nunique() * frame.pair.nunique()))
 
 
 def main(argv=None) -> None:
