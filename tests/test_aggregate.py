@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def spectrum(rng, heads: int, shift: float) -> np.ndarray:
 
 
 def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng, shift: float,
-                complete: bool = True) -> None:
-    """A probe file in the layout qkrank.probe writes (docs/hdf5.md), with chosen spectra and γ."""
+                complete: bool = True, layer_slope: float = 0.3, extras: bool = False) -> None:
+    """A probe file in the layout qkrank.probe writes (docs/hdf5.md), with chosen spectra and γ.
+
+    ``extras``: also the stored vectors (``act``, sites proj and normed) and the weight spectra group.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs.update({"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer, "seed": cell.seed,
@@ -54,8 +58,18 @@ def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng,
         for layer in range(n_layers):
             for tensor, heads in HEADS.items():
                 for site in SITES:
-                    sv = spectrum(rng, heads, shift + 0.3 * layer)
+                    sv = spectrum(rng, heads, shift + layer_slope * layer)
                     group = f.create_group(f"layers/{layer}/{tensor}/{site}")
+                    group["sv"] = sv
+                    group["eig_cov"] = sv**2 / 10
+                    for metric, values in all_metrics(sv, sv**2 / 10).items():
+                        group[metric] = values
+                    if extras and site in ("proj", "normed"):
+                        group["act"] = rng.normal(0, np.linspace(0.5, 2, HEAD_DIM), (heads, 16, HEAD_DIM)).astype(
+                            np.float16)
+                if extras:
+                    sv = spectrum(rng, heads, shift)
+                    group = f.create_group(f"layers/{layer}/{tensor}/weight")
                     group["sv"] = sv
                     group["eig_cov"] = sv**2 / 10
                     for metric, values in all_metrics(sv, sv**2 / 10).items():
@@ -70,8 +84,11 @@ def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng,
 MODE_SHIFT = {"learned": 0.0, "frozen": 1.5, "none": 0.8}
 
 
-def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None) -> Path:
-    """Probe files and metrics.csv for every cell of ``cfg`` under ``root/results``; returns the results dir."""
+def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None, slope_of=None, extras: bool = False) -> Path:
+    """Probe files and metrics.csv for every cell of ``cfg`` under ``root/results``; returns the results dir.
+
+    ``slope_of(tokens)``: how fast the spectrum's decay grows with depth (default 0.3: PR falls with depth).
+    """
     results = root / "results"
     rng = np.random.default_rng(seed)
     shift_of = shift_of or (lambda cell, tokens: MODE_SHIFT[cell.mode] + tokens / 4096 + 0.05 * cell.seed)
@@ -80,7 +97,7 @@ def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None) -> Path:
         marks = qconfig.checkpoint_tokens(settings)
         for tokens in marks:
             write_probe(collect.probe_path(results, cell, tokens), cell, tokens, settings["model"]["n_layers"], rng,
-                        shift_of(cell, tokens))
+                        shift_of(cell, tokens), layer_slope=slope_of(tokens) if slope_of else 0.3, extras=extras)
         step_tokens = qconfig.tokens_per_step(settings["train"])
         rows = [{"tokens_seen": t, "step": t // step_tokens,
                  "train_loss": 6 - t / 1000 + 0.01 * cell.seed if t else np.nan,
@@ -308,3 +325,84 @@ def test_default_study_size_aggregates_in_seconds_reading_each_file_once(tmp_pat
     elapsed = time.perf_counter() - start
     assert len(opened) == 3 * 13 and len(set(opened)) == len(opened)
     assert elapsed < 15, f"aggregation took {elapsed:.1f} s"
+
+
+# ------------------------------------------------------------------------------------------ open analyses
+
+
+@pytest.fixture(scope="module")
+def analyses_study(tmp_path_factory):
+    """Three layers, stored vectors and weight spectra; PR rises with depth before 1,024 tokens, falls after."""
+    cfg = synthetic_config(n_layers=3)
+    results = build_study(tmp_path_factory.mktemp("analyses"), cfg, slope_of=lambda t: -0.5 if t < 1024 else 0.5,
+                          extras=True)
+    return cfg, results, agg.aggregate(cfg, results)
+
+
+def test_depth_gradient_and_its_sign_flip(analyses_study):
+    _, _, out = analyses_study
+    per_seed = out["depth_pr_per_seed"]
+    first = per_seed[per_seed.tokens_seen == 0]
+    assert (first.spearman_rho == 1).all() and (per_seed[per_seed.tokens_seen >= 1024].spearman_rho == -1).all()
+    assert (out["depth_pr"].sign_flip_tokens == 1024).all()
+
+
+def test_gamma_pr_is_spearman_of_cv_against_layer_pr(analyses_study):
+    cfg, results, out = analyses_study
+    cell = next(c for c in qconfig.cells(cfg) if c.mode == "learned" and c.seed == 1)
+    cv, layer_pr = [], []
+    for tokens in qconfig.checkpoint_tokens(qconfig.cell_settings(cfg, cell)):
+        with h5py.File(collect.probe_path(results, cell, tokens)) as f:
+            for layer in range(3):
+                g = f[f"layers/{layer}/k"].parent["gamma_k"][()]
+                cv.append(g.std() / g.mean())
+                layer_pr.append(f[f"layers/{layer}/k/roped/pr"][()].mean())
+    row = out["gamma_pr_per_seed"].query("seed == 1 and tensor == 'k'")
+    assert row.spearman_rho.item() == pytest.approx(stats.spearmanr(cv, layer_pr).statistic)
+    assert row.n_points.item() == len(cv) and set(out["gamma_pr_per_seed"]["mode"]) == {"learned"}
+
+
+def test_individual_gamma_overlap_and_energy_share_against_numpy(analyses_study):
+    cfg, results, out = analyses_study
+    cell = next(c for c in qconfig.cells(cfg) if c.mode == "learned" and c.seed == 0)
+    with h5py.File(collect.probe_path(results, cell, 0)) as f0, h5py.File(collect.probe_path(results, cell, 2048)) as f:
+        g0, g = f0["layers/2/gamma_q"][()], f["layers/2/gamma_q"][()]
+        energy = np.mean(f0["layers/2/q/proj/act"][()].astype(np.float64) ** 2, axis=(0, 1))
+    k = HEAD_DIM // 8
+    top = set(np.argsort(g)[-k:]) & set(np.argsort(g0)[-k:])
+    row = out["gamma_dims_per_seed"].query("seed == 0 and layer == 2 and tensor == 'q' and tokens_seen == 0").iloc[0]
+    assert row.k == k and row.top_overlap == pytest.approx(len(top) / k)
+    assert row.amplified_fraction == pytest.approx(np.mean(g0 > 1))
+    assert row.energy_share_proj == pytest.approx(energy[g0 > 1].sum() / energy.sum())
+
+
+def test_weight_spectra_are_read_when_present_and_skipped_when_not(analyses_study, two_seed_study):
+    cfg, results, out = analyses_study
+    weights = out["weight_spectra"].query("tensor == 'k' and metric == 'pr' and layer == 1 and tokens_seen == 512")
+    for mode in cfg["grid"]["modes"]:
+        per_seed = []
+        for cell in (c for c in qconfig.cells(cfg) if c.mode == mode):
+            with h5py.File(collect.probe_path(results, cell, 512)) as f:
+                per_seed.append(f["layers/1/k/weight/pr"][()].mean())
+        assert weights.query("mode == @mode")["mean"].item() == pytest.approx(np.mean(per_seed))
+    assert "Not in these probe files" not in (results / "tables" / "analyses.md").read_text()
+    assert "weight" not in set(out["mean_pr_ci"].tensor) and set(out["layer_pr"].tensor) == {"q", "k"}
+    _, plain_results, plain = two_seed_study
+    assert plain["weight_spectra"].empty
+    assert "Not in these probe files" in (plain_results / "tables" / "analyses.md").read_text()
+
+
+def test_paired_table_covers_every_quantity_and_mark(two_seed_study):
+    cfg, results, out = two_seed_study
+    paired = out["paired"]
+    assert set(zip(paired.a, paired.b, strict=True)) == {("learned", "frozen"), ("learned", "none"), ("frozen", "none")}
+    marks = paired.dropna(subset=["mark_tokens"])
+    assert set(marks.quantity) == {"val_loss", "mean_pr"} and set(marks.mark_tokens) == {600, 2048}
+    assert set(paired[paired.mark_tokens.isna()].quantity) >= {"final_mean_pr", "minimum_mean_pr", "final_val_loss"}
+    assert (paired.method == "paired").all() and (paired.n_a == 2).all()
+    per_seed = out["summary_seed004_per_seed"].set_index(["mode", "seed"]).final_val_loss
+    row = paired.query("quantity == 'final_val_loss' and a == 'learned' and b == 'none'").iloc[0]
+    assert row.estimate == pytest.approx(np.mean([per_seed["learned", s] - per_seed["none", s] for s in (0, 1)]))
+    md = md_rows((results / "tables" / "summary_seed004.md").read_text())
+    final = next(r for r in md if r[0] == "Final mean PR")
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] [≈≠?]", final[4]), final
