@@ -354,7 +354,7 @@ def test_gamma_pr_is_spearman_of_cv_against_layer_pr(analyses_study):
     for tokens in qconfig.checkpoint_tokens(qconfig.cell_settings(cfg, cell)):
         with h5py.File(collect.probe_path(results, cell, tokens)) as f:
             for layer in range(3):
-                g = f[f"layers/{layer}/k"].parent["gamma_k"][()]
+                g = f[f"layers/{layer}/gamma_k"][()]
                 cv.append(g.std() / g.mean())
                 layer_pr.append(f[f"layers/{layer}/k/roped/pr"][()].mean())
     row = out["gamma_pr_per_seed"].query("seed == 1 and tensor == 'k'")

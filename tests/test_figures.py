@@ -37,7 +37,7 @@ def tables_dirs(tmp_path_factory):
     """Aggregated tables of a two-scale, two-seed study and of a one-mode ('none'), one-seed study."""
     dirs = {}
     for name, cfg in (("full", two_scale_config()), ("minimal", synthetic_config(modes=["none"], seeds=[0]))):
-        results = build_study(tmp_path_factory.mktemp(name), cfg)
+        results = build_study(tmp_path_factory.mktemp(name), cfg, extras=name == "full")
         agg.aggregate(cfg, results)
         dirs[name] = (cfg, results / "tables")
     return dirs
@@ -92,6 +92,8 @@ def test_figure_draws_for_one_mode_and_one_seed(name, tables_dirs, tmp_path):
             assert "γ" in heading(plot) and "γ" in message and "no" in message.lower()
         elif name == "paired_effects":
             assert "one mode" in plot.data["text"].iloc[0]
+        elif name == "weight_pr":
+            assert "No weight spectra" in plot.data["text"].iloc[0]
         elif name != "spectral_decay":
             assert "one seed" in heading(plot), heading(plot)
 

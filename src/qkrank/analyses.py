@@ -61,7 +61,8 @@ def gamma_dims(gamma: pd.DataFrame, energy: pd.DataFrame, level: float):
     and probe tokens) carried by the amplified dimensions, before (``proj``) and after (``normed``) QK-Norm.
 
     Per run, layer, tensor and checkpoint: n_dims, amplified_fraction, suppressed_fraction, top_overlap and
-    bottom_overlap (share of the final checkpoint's top/bottom k also in this checkpoint's), and
+    bottom_overlap (share of the final checkpoint's top/bottom k also in this checkpoint's; NaN while all γ are
+    equal, as at initialisation), and
     energy_share_proj / energy_share_normed (NaN without stored activations). Returns (per seed, over seeds).
     """
     learned = gamma[gamma["mode"] == "learned"]
@@ -77,10 +78,11 @@ def gamma_dims(gamma: pd.DataFrame, energy: pd.DataFrame, level: float):
         for tokens, g in sorted(by_tokens.items()):
             top, bottom = _top_bottom(g, k)
             amplified = g > 1
+            ranked = np.ptp(g) > 0 and np.ptp(final) > 0  # all-equal γ (initialisation) has no top or bottom
             row = dict(zip(keys, key, strict=True)) | {
                 "tokens_seen": tokens, "n_dims": len(g), "k": k, "amplified_fraction": amplified.mean(),
-                "suppressed_fraction": (g < 1).mean(), "top_overlap": len(top & top_final) / k,
-                "bottom_overlap": len(bottom & bottom_final) / k}
+                "suppressed_fraction": (g < 1).mean(), "top_overlap": len(top & top_final) / k if ranked else np.nan,
+                "bottom_overlap": len(bottom & bottom_final) / k if ranked else np.nan}
             for site in ("proj", "normed"):
                 share = np.nan
                 if energy is not None and site in energy:

@@ -282,14 +282,16 @@ def analyses_markdown(gamma_pr: pd.DataFrame, gamma_dims: pd.DataFrame, depth: p
                            [[f"{r.scale} · {r.optimizer}", TENSOR_LABELS[r.tensor], _band(r, 2), str(int(r.n_seeds))]
                             for _, r in gamma_pr.iterrows()])]
     out += ["", "**Individual γ (learned, final checkpoint).** Share of dimensions amplified (γ > 1); overlap of "
-            "the top-k and bottom-k dimensions between the first and the final checkpoint; share of the keys' "
+            "the top-k and bottom-k dimensions (k = head_dim // 8) between the earliest checkpoint with distinct "
+            "γ and the final one; share of the keys' "
             "energy (before QK-Norm) in the amplified dimensions — larger than the amplified share means γ "
             "amplifies dimensions that already carry more."]
     if gamma_dims.empty:
         out.append("No learned-γ mode in this study.")
     else:
         last = gamma_dims[gamma_dims.tokens_seen == gamma_dims.tokens_seen.max()]
-        first = gamma_dims[gamma_dims.tokens_seen == gamma_dims.tokens_seen.min()]
+        # overlaps: at the earliest checkpoint where γ is not all equal (at initialisation there is no ranking)
+        first = gamma_dims.dropna(subset=["mean"]).sort_values("tokens_seen")
         rows = []
         for (scale, optimizer, layer, tensor), _block in last.groupby(["scale", "optimizer", "layer", "tensor"]):
             def pick(frame, q, scale=scale, optimizer=optimizer, layer=layer, tensor=tensor):

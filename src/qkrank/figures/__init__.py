@@ -25,6 +25,9 @@ FIGURES: dict[str, dict] = {
     "paired_effects": {"tables": ["paired"], "category": "8 · Verdict evidence",
                        "title": "Paired differences between modes"},
     "gamma_pr": {"tables": ["gamma_pr_points", "gamma_pr"], "category": "5 · γ", "title": "γ spread against PR"},
+    "gamma_dims": {"tables": ["gamma_dims"], "category": "5 · γ", "title": "Individual γ dimensions over training"},
+    "weight_pr": {"tables": ["weight_spectra"], "category": "4 · Spectral decay",
+                  "title": "PR of the projection weights W_Q and W_K"},
     "depth_pr": {"tables": ["depth_pr"], "category": "3 · Key PR by layer", "title": "Depth–PR gradient over training"},
 }
 

@@ -20,7 +20,7 @@ def plot(depth_pr: pd.DataFrame) -> p9.ggplot:
             + p9.geom_ribbon(p9.aes(ymin="low", ymax="high"), alpha=0.2, color="none")
             + p9.geom_line() + p9.geom_point(size=1)
             + style.mode_scales() + style.tokens_axis(frame.tokens_seen)
-            + p9.scale_y_continuous(limits=(-1, 1))
+            + p9.coord_cartesian(ylim=(-1, 1))
             + p9.labs(y="Spearman ρ(layer index, key PR)", title=TITLE,
                       subtitle=f"ρ > 0: deeper layers have higher key PR; {style.band_note(frame)}")
             + style.theme())
