@@ -8,7 +8,7 @@ and SD, the planner's n and the share correct at that n.
 Model of one study: mode m, seed s gives BASE_PR + effect_m + u_s + e_ms, with a seed effect u_s shared
 by the modes (SD SEED_SD: what pairing cancels) and e_ms independent, SD sd/√2, so each paired
 difference has SD ``sd``. Patterns (learned, frozen, none): A (+Δ, 0, 0), B (0, 0, −Δ), C (+Δ, 0, −Δ),
-neither (0, 0, 0), with Δ = EFFECT PR units (seed 004's gaps are 4–6).
+neither (0, 0, 0), with Δ = EFFECT PR units (seed 004's gaps are 4–6), and two with a pair near δ.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ import numpy as np
 from qkrank import stats, verdict
 
 BASE_PR, SEED_SD, EFFECT = 60.0, 0.3, 4.0
-PATTERNS = {"A": (EFFECT, 0.0, 0.0), "B": (0.0, 0.0, -EFFECT), "C": (EFFECT, 0.0, -EFFECT), "neither": (0.0, 0.0, 0.0)}
+# name → (effects of learned, frozen, none; the true scenario). The "near δ" rows put one pair close to the
+# margin δ ≈ 1.2 (2% of 60) on either side: the hardest truths for the error bound.
+PATTERNS = {"A": ((EFFECT, 0.0, 0.0), "A"), "B": ((0.0, 0.0, -EFFECT), "B"), "C": ((EFFECT, 0.0, -EFFECT), "C"),
+            "neither": ((0.0, 0.0, 0.0), "neither"),
+            "A, frozen − none = 1.0 (near δ)": ((EFFECT, 1.0, 0.0), "A"),
+            "C, frozen − none = 1.6 (near δ)": ((EFFECT, 1.6, 0.0), "C")}
 SEEDS = (3, 5, 10)
 SDS = (0.25, 0.5, 1.0)
 MARGIN, ALPHA, POWER = 0.02, 0.05, 0.8
@@ -29,19 +34,19 @@ MARGIN, ALPHA, POWER = 0.02, 0.05, 0.8
 def simulate(pattern: str, n: int, sd: float, studies: int, rng: np.random.Generator,
              margin: float = MARGIN, alpha: float = ALPHA) -> dict[str, float]:
     """Shares of ``studies`` simulated studies that return the truth, a wrong scenario, or undetermined."""
-    effects = np.asarray(PATTERNS[pattern])[None, :, None]
+    effects, truth = PATTERNS[pattern]
+    effects = np.asarray(effects)[None, :, None]
     values = (BASE_PR + effects + rng.normal(0, SEED_SD, (studies, 1, n))
               + rng.normal(0, sd / np.sqrt(2), (studies, 3, n)))
     found = verdict.simulate_verdicts(values, margin, alpha)
     undetermined = float(np.mean(found == "undetermined"))
-    truth = float(np.mean(found == pattern))
-    wrong = float(np.mean((found != pattern) & (found != "undetermined")))
-    return {"truth": truth, "wrong": wrong, "undetermined": undetermined}
+    wrong = float(np.mean((found != truth) & (found != "undetermined")))
+    return {"truth": float(np.mean(found == truth)), "wrong": wrong, "undetermined": undetermined}
 
 
 def planner_n(pattern: str, sd: float, margin: float = MARGIN, alpha: float = ALPHA, power: float = POWER):
     """The planner's seeds for a pattern when the true differences and their SD are known."""
-    effects = dict(zip(verdict.VERDICT_MODES, PATTERNS[pattern], strict=True))
+    effects = dict(zip(verdict.VERDICT_MODES, PATTERNS[pattern][0], strict=True))
     pairs = []
     for a, b in verdict.PAIRS:
         delta = margin * (2 * BASE_PR + effects[a] + effects[b]) / 2
@@ -70,8 +75,8 @@ def markdown(grid: list[dict], plan: list[dict]) -> str:
               f"{r['undetermined']:.1%} |" for r in grid]
     lines += ["", "| truth | SD of paired difference | planner's n | truth returned at that n | wrong scenario |",
               "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['pattern']} | {r['sd']:g} | {r['planner_n']} | {r.get('truth', float('nan')):.1%} | "
-              f"{r.get('wrong', float('nan')):.1%} |" for r in plan]
+    lines += [f"| {r['pattern']} | {r['sd']:g} | {r['planner_n'] or f'> {stats.MAX_SEEDS}'} | "
+              + (f"{r['truth']:.1%} | {r['wrong']:.1%} |" if r["planner_n"] else "– | – |") for r in plan]
     return "\n".join(lines)
 
 
