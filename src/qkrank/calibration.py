@@ -69,14 +69,16 @@ def table(studies: int, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def markdown(grid: list[dict], plan: list[dict]) -> str:
-    lines = ["| truth | SD of paired difference | n | truth returned | wrong scenario | undetermined |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['pattern']} | {r['sd']:g} | {r['n']} | {r['truth']:.1%} | {r['wrong']:.1%} | "
-              f"{r['undetermined']:.1%} |" for r in grid]
-    lines += ["", "| truth | SD of paired difference | planner's n | truth returned at that n | wrong scenario |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['pattern']} | {r['sd']:g} | {r['planner_n'] or f'> {stats.MAX_SEEDS}'} | "
-              + (f"{r['truth']:.1%} | {r['wrong']:.1%} |" if r["planner_n"] else "– | – |") for r in plan]
+    from qkrank.markdown import table
+
+    lines = table(["truth", "SD of paired difference", "n", "truth returned", "wrong scenario", "undetermined"],
+                  [[r["pattern"], f"{r['sd']:g}", str(r["n"]), f"{r['truth']:.1%}", f"{r['wrong']:.1%}",
+                    f"{r['undetermined']:.1%}"] for r in grid])
+    lines += [""] + table(["truth", "SD of paired difference", "planner's n", "truth returned at that n",
+                           "wrong scenario"],
+                          [[r["pattern"], f"{r['sd']:g}", str(r["planner_n"] or f"> {stats.MAX_SEEDS}"),
+                            f"{r['truth']:.1%}" if r["planner_n"] else "–",
+                            f"{r['wrong']:.1%}" if r["planner_n"] else "–"] for r in plan])
     return "\n".join(lines)
 
 
