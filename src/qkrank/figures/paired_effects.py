@@ -21,7 +21,8 @@ def plot(paired: pd.DataFrame) -> p9.ggplot:
     frame = style.facet_label(frame)
     frame["what"] = [LABELS.get(q, q) + ("" if pd.isna(m) else f" @ {format_tokens(int(m))}")
                      for q, m in zip(frame.quantity, frame.mark_tokens, strict=True)]
-    frame["pair"] = frame.a + " − " + frame.b
+    pairs = list(dict.fromkeys(frame.a + " − " + frame.b))  # the table's order: learned−frozen, learned−none, …
+    frame["pair"] = pd.Categorical(frame.a + " − " + frame.b, categories=pairs)
     frame["low"] = frame.ci_low.fillna(frame.estimate)
     frame["high"] = frame.ci_high.fillna(frame.estimate)
     frame["kind"] = ["loss" if "loss" in q else "key PR" for q in frame.quantity]
