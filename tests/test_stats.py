@@ -109,6 +109,12 @@ def test_planner_seeds_reach_the_power_and_grow_with_the_spread():
     plan = planner.plan(v, 0.05, 0.8, cell_hours=2.0, n_modes=3)
     assert plan["pairs"][0]["gpu_hours"] == pytest.approx(plan["pairs"][0]["seeds"] * 3 * 2.0)
     assert planner.plan(v, 0.05, 0.8, 2.0, 3, sd=0.5)["pairs"][0]["seeds"] < plan["pairs"][0]["seeds"]
+    lines = planner.planner_lines(v | {"planner": plan})
+    assert lines[0].startswith("to resolve learned vs frozen") and "H100-hours" in lines[0]
+    one_seed = {"pairs": [{"a": "learned", "b": "frozen", "estimate": 3.0, "sd": None, "margin": 1.2,
+                           "relation": "unresolved"}]}
+    one_seed["planner"] = planner.plan(one_seed, 0.05, 0.8, 2.0, 3)
+    assert "no spread measured" in planner.planner_lines(one_seed)[0]
 
 
 def test_calibration_error_bound_and_planner_power():

@@ -61,6 +61,9 @@ def planner_lines(v: dict) -> list[str]:
     p = v.get("planner")
     if not p:
         return []
+    if not any(x["sd"] is not None and math.isfinite(x["sd"]) for x in p["pairs"]):
+        return ["no spread measured (fewer than two seeds per mode): add seeds (`grid.seeds`), or run "
+                "`qkrank plan-seeds --sd SD` with an assumed SD of the per-seed differences"]
     lines = [f"to resolve {x['a']} vs {x['b']} at this spread (SD of the paired difference {x['sd']:.3g}): "
              f"{_count(x['seeds'])}{_hours(x['gpu_hours'])}" for x in p["pairs"]
              if x["relation"] == "unresolved" and x["sd"] is not None and math.isfinite(x["sd"])]
