@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from conftest import micro_config
 from scipy import stats
 
 from qkrank import aggregate as agg
+from qkrank import collect, tables, verdict
 from qkrank import config as qconfig
-from qkrank import verdict
 from qkrank.probe import SCHEMA_VERSION
 from qkrank.rank import all_metrics, pr, top_energy_share
 
@@ -45,8 +46,11 @@ def spectrum(rng, heads: int, shift: float) -> np.ndarray:
 
 
 def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng, shift: float,
-                complete: bool = True) -> None:
-    """A probe file in the layout qkrank.probe writes (docs/hdf5.md), with chosen spectra and γ."""
+                complete: bool = True, layer_slope: float = 0.3, extras: bool = False) -> None:
+    """A probe file in the layout qkrank.probe writes (docs/hdf5.md), with chosen spectra and γ.
+
+    ``extras``: also the stored vectors (``act``, sites proj and normed) and the weight spectra group.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs.update({"scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer, "seed": cell.seed,
@@ -54,8 +58,18 @@ def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng,
         for layer in range(n_layers):
             for tensor, heads in HEADS.items():
                 for site in SITES:
-                    sv = spectrum(rng, heads, shift + 0.3 * layer)
+                    sv = spectrum(rng, heads, shift + layer_slope * layer)
                     group = f.create_group(f"layers/{layer}/{tensor}/{site}")
+                    group["sv"] = sv
+                    group["eig_cov"] = sv**2 / 10
+                    for metric, values in all_metrics(sv, sv**2 / 10).items():
+                        group[metric] = values
+                    if extras and site in ("proj", "normed"):
+                        group["act"] = rng.normal(0, np.linspace(0.5, 2, HEAD_DIM), (heads, 16, HEAD_DIM)).astype(
+                            np.float16)
+                if extras:
+                    sv = spectrum(rng, heads, shift)
+                    group = f.create_group(f"layers/{layer}/{tensor}/weight")
                     group["sv"] = sv
                     group["eig_cov"] = sv**2 / 10
                     for metric, values in all_metrics(sv, sv**2 / 10).items():
@@ -70,8 +84,11 @@ def write_probe(path: Path, cell: qconfig.Cell, tokens: int, n_layers: int, rng,
 MODE_SHIFT = {"learned": 0.0, "frozen": 1.5, "none": 0.8}
 
 
-def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None) -> Path:
-    """Probe files and metrics.csv for every cell of ``cfg`` under ``root/results``; returns the results dir."""
+def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None, slope_of=None, extras: bool = False) -> Path:
+    """Probe files and metrics.csv for every cell of ``cfg`` under ``root/results``; returns the results dir.
+
+    ``slope_of(tokens)``: how fast the spectrum's decay grows with depth (default 0.3: PR falls with depth).
+    """
     results = root / "results"
     rng = np.random.default_rng(seed)
     shift_of = shift_of or (lambda cell, tokens: MODE_SHIFT[cell.mode] + tokens / 4096 + 0.05 * cell.seed)
@@ -79,8 +96,8 @@ def build_study(root: Path, cfg: dict, seed: int = 0, shift_of=None) -> Path:
         settings = qconfig.cell_settings(cfg, cell)
         marks = qconfig.checkpoint_tokens(settings)
         for tokens in marks:
-            write_probe(agg.probe_path(results, cell, tokens), cell, tokens, settings["model"]["n_layers"], rng,
-                        shift_of(cell, tokens))
+            write_probe(collect.probe_path(results, cell, tokens), cell, tokens, settings["model"]["n_layers"], rng,
+                        shift_of(cell, tokens), layer_slope=slope_of(tokens) if slope_of else 0.3, extras=extras)
         step_tokens = qconfig.tokens_per_step(settings["train"])
         rows = [{"tokens_seen": t, "step": t // step_tokens,
                  "train_loss": 6 - t / 1000 + 0.01 * cell.seed if t else np.nan,
@@ -99,7 +116,7 @@ def two_seed_study(tmp_path_factory):
 
 def key_pr_of(results: Path, cell, tokens, site="roped") -> np.ndarray:
     """Per layer: PR of each KV head's key singular values, straight from the file with numpy."""
-    with h5py.File(agg.probe_path(results, cell, tokens)) as f:
+    with h5py.File(collect.probe_path(results, cell, tokens)) as f:
         return np.array([[s.sum() ** 2 / (s**2).sum() for s in f[f"layers/{layer}/k/{site}/sv"][()]]
                          for layer in range(int(f.attrs["n_layers"]))])
 
@@ -110,117 +127,66 @@ def t_bounds(values, level=0.95):
     return values.mean(), values.mean() - half, values.mean() + half
 
 
+def md_rows(md: str) -> list[list[str]]:
+    """Cells of every pipe-table row (alignment rows left out), stripped of padding."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= set(":-") for c in r)]
+
+
 # ------------------------------------------------------------------------------------------ intervals
 
 
-def test_t_interval_matches_scipy_and_is_empty_for_one_seed():
-    values = [3.0, 4.5, 5.0, 7.25]
-    mean, low, high, n = verdict.t_interval(values, 0.95)
-    ref = stats.t.interval(0.95, df=3, loc=np.mean(values), scale=stats.sem(values))
-    assert n == 4 and mean == pytest.approx(np.mean(values))
-    assert (low, high) == pytest.approx(ref)
-    mean, low, high, n = verdict.t_interval([2.0], 0.95)
-    assert (mean, n) == (2.0, 1) and math.isnan(low) and math.isnan(high)
-    assert verdict.t_interval([np.nan, 1.0, 3.0], 0.9)[3] == 2, "NaN values are not seeds"
-
-
-def test_welch_interval_matches_scipy_ttest():
-    a, b = [5.0, 5.5, 6.1, 5.7], [4.0, 4.9, 3.8]
-    diff, low, high = verdict.welch_interval(a, b, 0.95)
-    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    assert diff == pytest.approx(np.mean(a) - np.mean(b))
-    assert (low, high) == pytest.approx((ref.low, ref.high))
-
-
-def test_seed_bands_equal_t_interval_per_group():
+def test_seed_bands_equal_scipy_t_interval_per_group():
     rng = np.random.default_rng(1)
     frame = pd.DataFrame({"g": np.repeat(["a", "b", "c"], [3, 1, 5]), "x": rng.normal(size=9)})
-    bands = agg.seed_bands(frame, ["g"], "x", 0.9).set_index("g")
+    bands = tables.seed_bands(frame, ["g"], "x", 0.9).set_index("g")
     for g, group in frame.groupby("g"):
-        mean, low, high, n = verdict.t_interval(group.x, 0.9)
         row = bands.loc[g]
-        assert row["mean"] == pytest.approx(mean) and row.n_seeds == n and row.ci_level == 0.9
-        assert (np.isnan(row.ci_low) and np.isnan(low)) or row.ci_low == pytest.approx(low)
-        assert (np.isnan(row.ci_high) and np.isnan(high)) or row.ci_high == pytest.approx(high)
-
-
-# -------------------------------------------------------------------------------------------- verdict
-
-TIGHT = [-0.1, 0.0, 0.1]
-
-
-def values(center: float) -> list[float]:
-    return [center + d for d in TIGHT]
-
-
-@pytest.mark.parametrize("learned, frozen, none, expected", [
-    (60, 50, 50, "A"),        # γ drives rank: frozen ≈ none, learned apart
-    (60, 60, 50, "B"),        # normalisation drives rank: learned ≈ frozen, none apart
-    (66, 59.5, 63, "C"),      # seed 004's own final numbers: all three apart
-    (50, 50, 50, "neither"),  # all equivalent within the margin
-])
-def test_scenario_from_separated_modes(learned, frozen, none, expected):
-    found = verdict.scenario({"learned": values(learned), "frozen": values(frozen), "none": values(none)},
-                             0.95, 0.02)
-    assert found["scenario"] == expected, found["reason"]
-    assert found["statement"] == verdict.STATEMENTS[expected]
-
-
-def test_scenario_is_undetermined_when_intervals_overlap_or_one_seed_or_a_mode_missing():
-    wide = {"learned": [55, 65, 60], "frozen": [50, 50.2, 49.9], "none": [50.1, 49.8, 50]}
-    found = verdict.scenario(wide, 0.95, 0.02)
-    assert found["scenario"] == "undetermined" and "unresolved" in found["reason"]
-    one_seed = verdict.scenario({"learned": [60], "frozen": [50], "none": [50]}, 0.95, 0.02)
-    assert one_seed["scenario"] == "undetermined" and "fewer than 2 seeds" in one_seed["reason"]
-    assert one_seed["ordering"] == "frozen < none < learned"
-    missing = verdict.scenario({"learned": values(60), "none": values(50)}, 0.95, 0.02)
-    assert missing["scenario"] == "undetermined" and "missing frozen" in missing["reason"]
-
-
-def test_pair_relation_is_different_only_beyond_the_margin():
-    # Disjoint, tight intervals but a difference below δ = 2% of the mean: practically equivalent.
-    assert verdict.pair_relation(values(50.5), values(50.0), 0.95, 0.02).relation == "equivalent"
-    assert verdict.pair_relation(values(55), values(50), 0.95, 0.02).relation == "different"
-    assert verdict.pair_relation([45, 55, 50], values(50), 0.95, 0.02).relation == "unresolved"
+        assert row["mean"] == pytest.approx(group.x.mean()) and row.n_seeds == len(group) and row.ci_level == 0.9
+        if len(group) < 2:
+            assert np.isnan(row.ci_low) and np.isnan(row.ci_high)
+        else:
+            ref = stats.t.interval(0.9, df=len(group) - 1, loc=group.x.mean(), scale=stats.sem(group.x))
+            assert (row.ci_low, row.ci_high) == pytest.approx(ref)
 
 
 # ------------------------------------------------------------------------------------ reading and marks
 
 
 def test_depth_layers_default_negative_and_bad():
-    assert agg.depth_layers(4, []) == {0: "layer 0 (first)", 2: "layer 2 (middle)", 3: "layer 3 (last)"}
-    assert agg.depth_layers(1, []) == {0: "layer 0 (first, middle, last)"}
-    assert agg.depth_layers(22, [1, -1]) == {1: "layer 1", 21: "layer 21"}
-    with pytest.raises(agg.AggregateError, match=r"aggregate.depths.*-4\.\.-1"):
-        agg.depth_layers(4, [4])
+    assert collect.depth_layers(4, []) == {0: "layer 0 (first)", 2: "layer 2 (middle)", 3: "layer 3 (last)"}
+    assert collect.depth_layers(1, []) == {0: "layer 0 (first, middle, last)"}
+    assert collect.depth_layers(22, [1, -1]) == {1: "layer 1", 21: "layer 21"}
+    with pytest.raises(collect.AggregateError, match=r"aggregate.depths.*-4\.\.-1"):
+        collect.depth_layers(4, [4])
 
 
 def test_nearest_checkpoint_reports_the_closest_and_the_earlier_on_a_tie():
     checkpoints = [0, 512, 1024, 1536, 2048]
-    assert agg.nearest_checkpoint(600, checkpoints) == 512
-    assert agg.nearest_checkpoint(800, checkpoints) == 1024
-    assert agg.nearest_checkpoint(768, checkpoints) == 512
-    assert agg.nearest_checkpoint(10**9, checkpoints) == 2048
+    assert tables.nearest_checkpoint(600, checkpoints) == 512
+    assert tables.nearest_checkpoint(800, checkpoints) == 1024
+    assert tables.nearest_checkpoint(768, checkpoints) == 512
+    assert tables.nearest_checkpoint(10**9, checkpoints) == 2048
 
 
 def test_bad_probe_files_are_named(tmp_path):
     cell = qconfig.Cell("tiny", "learned", "muon", 0)
     path = tmp_path / "0.h5"
-    with pytest.raises(agg.AggregateError, match="probe file is missing"):
-        agg.read_probe(path, 0.1)
+    with pytest.raises(collect.AggregateError, match="probe file is missing"):
+        collect.read_probe(path, 0.1)
     write_probe(path, cell, 0, 1, np.random.default_rng(0), 0.0, complete=False)
-    with pytest.raises(agg.AggregateError, match=f"{path}: incomplete probe file"):
-        agg.read_probe(path, 0.1)
+    with pytest.raises(collect.AggregateError, match=f"{path}: incomplete probe file"):
+        collect.read_probe(path, 0.1)
     path.write_bytes(b"not an HDF5 file")
-    with pytest.raises(agg.AggregateError, match=f"{path}: unreadable HDF5"):
-        agg.read_probe(path, 0.1)
+    with pytest.raises(collect.AggregateError, match=f"{path}: unreadable HDF5"):
+        collect.read_probe(path, 0.1)
 
 
 def test_read_probe_rows_match_the_file(tmp_path):
     cell = qconfig.Cell("tiny", "learned", "muon", 3)
     path = tmp_path / "512.h5"
     write_probe(path, cell, 512, 3, np.random.default_rng(2), 0.5)
-    frames = agg.read_probe(path, 0.25, depths=[], spectrum_site="roped")
+    frames = collect.read_probe(path, 0.25, depths=[], spectrum_site="roped")
     probes = frames["probes"]
     assert len(probes) == 3 * len(SITES) * sum(HEADS.values())
     assert (probes.seed == 3).all() and (probes.tokens_seen == 512).all()
@@ -233,7 +199,7 @@ def test_read_probe_rows_match_the_file(tmp_path):
     spectra = frames["spectra"]
     assert set(spectra.depth) == {"layer 0 (first)", "layer 1 (middle)", "layer 2 (last)"}
     assert set(spectra.tensor) == {"q", "k"} and spectra.sv_normalized.max() == pytest.approx(1.0)
-    assert agg.read_probe(path, 0.25)["spectra"].empty, "spectra only where asked for"
+    assert collect.read_probe(path, 0.25)["spectra"].empty, "spectra only where asked for"
 
 
 # ----------------------------------------------------------------------------------- whole tables
@@ -272,7 +238,9 @@ def test_seed004_summary_against_numpy(two_seed_study):
         val = [6.5 - 2.048 + 0.02 * c.seed for c in cells]
         assert summary.loc[(mode, "final_val_loss")]["mean"] == pytest.approx(np.mean(val))
     md = (results / "tables" / "summary_seed004.md").read_text()
-    assert "| Metric | learned | frozen | none |" in md and "| Seeds (n) | 2 | 2 | 2 |" in md
+    rows = md_rows(md)
+    assert rows[0] == ["Metric", "learned", "frozen", "none", "learned − frozen", "learned − none", "frozen − none"]
+    assert rows[1][:4] == ["Seeds (n)", "2", "2", "2"]
     assert " ± " in md
 
 
@@ -285,7 +253,7 @@ def test_marks_and_paradox_use_the_nearest_checkpoint(two_seed_study):
     per_layer = key_pr_of(results, cell, 512).mean(axis=1)
     assert row.mean_pr == pytest.approx(per_layer.mean())
     assert (row.layer_pr_min, row.layer_pr_max) == pytest.approx((per_layer.min(), per_layer.max()))
-    with h5py.File(agg.probe_path(results, cell, 512)) as f:
+    with h5py.File(collect.probe_path(results, cell, 512)) as f:
         shares = [top_energy_share(f[f"layers/{i}/k/roped/sv"][()], 0.25) for i in range(2)]
     assert row.spectral_concentration == pytest.approx(np.mean(shares))
     assert row.val_loss == pytest.approx(6.5 - 0.512 + 0.02 * cell.seed)
@@ -300,7 +268,7 @@ def test_gamma_cv_frozen_is_exactly_zero_and_learned_matches_numpy(two_seed_stud
     assert (cv[cv["mode"] == "frozen"].gamma_cv == 0.0).all()
     assert "none" not in set(cv["mode"])
     cell = next(c for c in qconfig.cells(cfg) if c.mode == "learned")
-    with h5py.File(agg.probe_path(results, cell, 2048)) as f:
+    with h5py.File(collect.probe_path(results, cell, 2048)) as f:
         gamma = f["layers/1/gamma_k"][()]
     row = cv[(cv["mode"] == "learned") & (cv.seed == cell.seed) & (cv.tokens_seen == 2048) & (cv.layer == 1)
              & (cv.tensor == "k")]
@@ -315,11 +283,15 @@ def test_verdict_json_is_the_rule_applied_to_final_key_pr(two_seed_study):
     cfg, results, _ = two_seed_study
     found = json.loads((results / "verdict.json").read_text())
     final = next(v for v in found if v["quantity"] == "final_mean_pr")
-    by_mode = {m: [key_pr_of(results, c, 2048).mean() for c in qconfig.cells(cfg) if c.mode == m]
+    by_mode = {m: {c.seed: key_pr_of(results, c, 2048).mean() for c in qconfig.cells(cfg) if c.mode == m}
                for m in cfg["grid"]["modes"]}
-    expected = verdict.scenario(by_mode, 0.95, cfg["aggregate"]["verdict_margin"])
+    expected = verdict.scenario(by_mode, 0.95, cfg["aggregate"]["verdict_margin"], cfg["aggregate"]["verdict_alpha"])
     assert final["scenario"] == expected["scenario"] and final["reason"] == expected["reason"]
-    assert final["modes"]["learned"]["mean"] == pytest.approx(np.mean(by_mode["learned"]))
+    assert final["modes"]["learned"]["mean"] == pytest.approx(np.mean(list(by_mode["learned"].values())))
+    learned_frozen = final["pairs"][0]
+    diffs = [by_mode["learned"][s] - by_mode["frozen"][s] for s in sorted(by_mode["learned"])]
+    assert learned_frozen["method"] == "paired" and learned_frozen["estimate"] == pytest.approx(np.mean(diffs))
+    assert "planner" in final and final["planner"]["pairs"][0]["sd"] == pytest.approx(np.std(diffs, ddof=1))
     assert {p["relation"] for p in final["pairs"]} <= {"different", "equivalent", "unresolved"}
 
 
@@ -346,9 +318,91 @@ def test_default_study_size_aggregates_in_seconds_reading_each_file_once(tmp_pat
     results = build_study(tmp_path, cfg)
     opened = []
     real_file = h5py.File
-    monkeypatch.setattr(agg.h5py, "File", lambda path, *a, **k: opened.append(Path(path)) or real_file(path, *a, **k))
+    monkeypatch.setattr(collect.h5py, "File",
+                        lambda path, *a, **k: opened.append(Path(path)) or real_file(path, *a, **k))
     start = time.perf_counter()
     agg.aggregate(cfg, results)
     elapsed = time.perf_counter() - start
     assert len(opened) == 3 * 13 and len(set(opened)) == len(opened)
     assert elapsed < 15, f"aggregation took {elapsed:.1f} s"
+
+
+# ------------------------------------------------------------------------------------------ open analyses
+
+
+@pytest.fixture(scope="module")
+def analyses_study(tmp_path_factory):
+    """Three layers, stored vectors and weight spectra; PR rises with depth before 1,024 tokens, falls after."""
+    cfg = synthetic_config(n_layers=3)
+    results = build_study(tmp_path_factory.mktemp("analyses"), cfg, slope_of=lambda t: -0.5 if t < 1024 else 0.5,
+                          extras=True)
+    return cfg, results, agg.aggregate(cfg, results)
+
+
+def test_depth_gradient_and_its_sign_flip(analyses_study):
+    _, _, out = analyses_study
+    per_seed = out["depth_pr_per_seed"]
+    first = per_seed[per_seed.tokens_seen == 0]
+    assert (first.spearman_rho == 1).all() and (per_seed[per_seed.tokens_seen >= 1024].spearman_rho == -1).all()
+    assert (out["depth_pr"].sign_flip_tokens == 1024).all()
+
+
+def test_gamma_pr_is_spearman_of_cv_against_layer_pr(analyses_study):
+    cfg, results, out = analyses_study
+    cell = next(c for c in qconfig.cells(cfg) if c.mode == "learned" and c.seed == 1)
+    cv, layer_pr = [], []
+    for tokens in qconfig.checkpoint_tokens(qconfig.cell_settings(cfg, cell)):
+        with h5py.File(collect.probe_path(results, cell, tokens)) as f:
+            for layer in range(3):
+                g = f[f"layers/{layer}/gamma_k"][()]
+                cv.append(g.std() / g.mean())
+                layer_pr.append(f[f"layers/{layer}/k/roped/pr"][()].mean())
+    row = out["gamma_pr_per_seed"].query("seed == 1 and tensor == 'k'")
+    assert row.spearman_rho.item() == pytest.approx(stats.spearmanr(cv, layer_pr).statistic)
+    assert row.n_points.item() == len(cv) and set(out["gamma_pr_per_seed"]["mode"]) == {"learned"}
+
+
+def test_individual_gamma_overlap_and_energy_share_against_numpy(analyses_study):
+    cfg, results, out = analyses_study
+    cell = next(c for c in qconfig.cells(cfg) if c.mode == "learned" and c.seed == 0)
+    with h5py.File(collect.probe_path(results, cell, 0)) as f0, h5py.File(collect.probe_path(results, cell, 2048)) as f:
+        g0, g = f0["layers/2/gamma_q"][()], f["layers/2/gamma_q"][()]
+        energy = np.mean(f0["layers/2/q/proj/act"][()].astype(np.float64) ** 2, axis=(0, 1))
+    k = HEAD_DIM // 8
+    top = set(np.argsort(g)[-k:]) & set(np.argsort(g0)[-k:])
+    row = out["gamma_dims_per_seed"].query("seed == 0 and layer == 2 and tensor == 'q' and tokens_seen == 0").iloc[0]
+    assert row.k == k and row.top_overlap == pytest.approx(len(top) / k)
+    assert row.amplified_fraction == pytest.approx(np.mean(g0 > 1))
+    assert row.energy_share_proj == pytest.approx(energy[g0 > 1].sum() / energy.sum())
+
+
+def test_weight_spectra_are_read_when_present_and_skipped_when_not(analyses_study, two_seed_study):
+    cfg, results, out = analyses_study
+    weights = out["weight_spectra"].query("tensor == 'k' and metric == 'pr' and layer == 1 and tokens_seen == 512")
+    for mode in cfg["grid"]["modes"]:
+        per_seed = []
+        for cell in (c for c in qconfig.cells(cfg) if c.mode == mode):
+            with h5py.File(collect.probe_path(results, cell, 512)) as f:
+                per_seed.append(f["layers/1/k/weight/pr"][()].mean())
+        assert weights.query("mode == @mode")["mean"].item() == pytest.approx(np.mean(per_seed))
+    assert "Not in these probe files" not in (results / "tables" / "analyses.md").read_text()
+    assert "weight" not in set(out["mean_pr_ci"].tensor) and set(out["layer_pr"].tensor) == {"q", "k"}
+    _, plain_results, plain = two_seed_study
+    assert plain["weight_spectra"].empty
+    assert "Not in these probe files" in (plain_results / "tables" / "analyses.md").read_text()
+
+
+def test_paired_table_covers_every_quantity_and_mark(two_seed_study):
+    cfg, results, out = two_seed_study
+    paired = out["paired"]
+    assert set(zip(paired.a, paired.b, strict=True)) == {("learned", "frozen"), ("learned", "none"), ("frozen", "none")}
+    marks = paired.dropna(subset=["mark_tokens"])
+    assert set(marks.quantity) == {"val_loss", "mean_pr"} and set(marks.mark_tokens) == {600, 2048}
+    assert set(paired[paired.mark_tokens.isna()].quantity) >= {"final_mean_pr", "minimum_mean_pr", "final_val_loss"}
+    assert (paired.method == "paired").all() and (paired.n_a == 2).all()
+    per_seed = out["summary_seed004_per_seed"].set_index(["mode", "seed"]).final_val_loss
+    row = paired.query("quantity == 'final_val_loss' and a == 'learned' and b == 'none'").iloc[0]
+    assert row.estimate == pytest.approx(np.mean([per_seed["learned", s] - per_seed["none", s] for s in (0, 1)]))
+    md = md_rows((results / "tables" / "summary_seed004.md").read_text())
+    final = next(r for r in md if r[0] == "Final mean PR")
+    assert re.fullmatch(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] [≈≠?]", final[4]), final

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import struct
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def tables_dirs(tmp_path_factory):
     """Aggregated tables of a two-scale, two-seed study and of a one-mode ('none'), one-seed study."""
     dirs = {}
     for name, cfg in (("full", two_scale_config()), ("minimal", synthetic_config(modes=["none"], seeds=[0]))):
-        results = build_study(tmp_path_factory.mktemp(name), cfg)
+        results = build_study(tmp_path_factory.mktemp(name), cfg, extras=name == "full")
         agg.aggregate(cfg, results)
         dirs[name] = (cfg, results / "tables")
     return dirs
@@ -89,6 +90,10 @@ def test_figure_draws_for_one_mode_and_one_seed(name, tables_dirs, tmp_path):
         if name.startswith("gamma"):
             message = plot.data["text"].iloc[0]  # the blank figure's explanation
             assert "γ" in heading(plot) and "γ" in message and "no" in message.lower()
+        elif name == "paired_effects":
+            assert "one mode" in plot.data["text"].iloc[0]
+        elif name == "weight_pr":
+            assert "No weight spectra" in plot.data["text"].iloc[0]
         elif name != "spectral_decay":
             assert "one seed" in heading(plot), heading(plot)
 
@@ -128,6 +133,7 @@ def test_summary_html_renders_headings_tables_and_inline_markup():
 
     page = markdown_html("# Title\n\nSome **bold** and `x<y` text\nwrapped.\n\n- **A**: point\n\n"
                          "| Metric | learned |\n|:---|:---:|\n| PR | 1 ± 2 |\n\n![loss](figures/loss.png)\n", "t")
+    page = re.sub(r">\s+<", "><", re.sub(r' style="[^"]*"', "", page)).replace("\n", " ")
     assert "<h1>Title</h1>" in page
     assert "<p>Some <strong>bold</strong> and <code>x&lt;y</code> text wrapped.</p>" in page
     assert "<ul><li><strong>A</strong>: point</li></ul>" in page

@@ -1,4 +1,4 @@
-"""The `qkrank` command: `info` (preset sizes, from the meta device), `bench` and `verify` (delegated)."""
+"""The `qkrank` command: `info` (preset sizes, from the meta device); `bench`, `verify`, `plan-seeds` (delegated)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 DELEGATED = {
     "bench": "benchmarks: training MFU, naive-attention ratio, probe cost, workflow overhead, GPU (qkrank.bench)",
     "verify": "integrity checks of every artifact; --fix deletes bad ones for the workflow to rebuild (qkrank.verify)",
+    "plan-seeds": "seeds (and H100-hours) needed to resolve each pair of the verdict (qkrank.planner)",
 }
+MODULES = {"plan-seeds": "planner"}  # delegated commands whose module is not named like the command
 INFO_KEYS = ("n_params", "n_params_non_embedding", "n_params_embedding", "n_layers", "d_model", "n_heads",
              "n_kv_heads", "head_dim", "kv_dim", "d_ff", "vocab_size", "max_seq_len", "norm_mode",
              "tie_embeddings", "rope_base")
@@ -102,7 +104,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _delegate(command: str, argv: list[str]) -> int:
     """Run qkrank.<command>.main(argv); imported only now, so `qkrank info` never depends on it."""
-    module_name = f"qkrank.{command}"
+    module_name = f"qkrank.{MODULES.get(command, command)}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

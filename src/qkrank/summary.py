@@ -30,6 +30,11 @@ TABLE_SECTIONS = (
                                                 "concentration."),
     ("γ coefficient of variation per layer (seed 004 §5)", "gamma_cv_final.md", "Final checkpoint."),
     ("Mean query and key PR over training", "mean_pr_ci.md", "Every checkpoint."),
+    ("Paired differences between modes", "paired.md", "Every compared quantity: per-seed differences a − b, "
+                                                      "their mean and interval, and the pair decision."),
+    ("The seeds' open analyses", "analyses.md", "γ–PR relation, individual γ, depth–PR gradient, weight spectra."),
+    ("Seeds planner", "planner.md", "Seeds (and H100-hours, 6·N·D at 40% MFU) that would resolve each pair "
+                                    "(docs/verdict.md, “Reading the planner”)."),
 )
 
 
@@ -58,7 +63,11 @@ def figure_kind(png: Path, figures_dir: Path) -> tuple[str, str]:
 
 
 def verdict_headline(verdicts: list[dict]) -> list[str]:
-    """One bullet per (scale, optimizer): the scenario for final mean key PR, then the floor's for context."""
+    """One bullet per (scale, optimizer): the scenario for final mean key PR with its paired differences, the
+    floor's scenario for context, and the seeds planner next to an undetermined verdict."""
+    from qkrank.compare import effect
+    from qkrank.planner import planner_lines
+
     lines = []
     for v in verdicts:
         if v["quantity"] != "final_mean_pr":
@@ -66,9 +75,18 @@ def verdict_headline(verdicts: list[dict]) -> list[str]:
         floor = next((w for w in verdicts if w["quantity"] == "minimum_mean_pr" and w["scale"] == v["scale"]
                       and w["optimizer"] == v["optimizer"]), None)
         extra = f" At the collapse floor the same rule gives: {floor['scenario']}." if floor else ""
+        effects = "; ".join(f"{p['a']} − {p['b']}: {effect(_floats(p))} ({p['relation']})" for p in v["pairs"])
+        effects = f" Paired differences [{v['ci_level']:.0%}]: {effects}." if effects else ""
         lines.append(f"- **{v['scale']}, {v['optimizer']}: {v['statement']}** {v['reason']}; point estimates "
-                     f"{v['ordering']}.{extra}")
+                     f"{v['ordering']}.{effects}{extra}")
+        if v["scenario"] == "undetermined":
+            lines += [f"  - Seeds planner: {line}." for line in planner_lines(v)]
     return lines
+
+
+def _floats(pair: dict) -> dict:
+    """A pair from verdict.json with its nulls (NaN in the tables) back as NaN."""
+    return {k: (float("nan") if v is None else v) for k, v in pair.items()}
 
 
 def figure_section(figures: list[Path], results: Path, captions: Path, out: Path) -> list[str]:
@@ -105,11 +123,13 @@ def render(config: dict, results: Path, figures: list[Path], captions: Path, out
         "(nearest checkpoint used, named in each table).", "",
         "## Verdict (seed 004 §2)", "",
         *verdict_headline(verdicts), *suites.verdict_note(config), "",
-        f"Rule (docs/verdict.md): two modes *differ* when their intervals are disjoint and their means more than "
-        f"δ = {agg['verdict_margin']:.0%} of their mean apart; they are *equivalent* when the Welch interval of "
-        "their difference lies inside ±δ. A: learned differs from frozen and none, which are equivalent; "
-        "B: learned ≈ frozen, none differs from both; C: all three differ; anything else, or fewer than two "
-        "seeds, is undetermined. Evidence:", "",
+        f"Rule (docs/verdict.md): per pair of modes, the per-seed differences (same seed, scale and optimizer) "
+        f"are tested with δ = {agg['verdict_margin']:.0%} of the pair's mean: *equivalent* when the paired TOST "
+        f"shows the difference inside ±δ (the {1 - 2 * agg['verdict_alpha']:.0%} interval inside ±δ), *different* "
+        "when a minimum-effect test shows it beyond δ and the paired interval excludes 0; the three decisions are "
+        f"Holm-controlled at α = {agg['verdict_alpha']:g}. A: learned differs from frozen and none, which are "
+        "equivalent; B: learned ≈ frozen, none differs from both; C: all three differ; anything else, or fewer "
+        "than two seeds, is undetermined. Evidence:", "",
         (tables / "verdict.md").read_text().strip(), "",
     ]
     for heading, name, note in TABLE_SECTIONS:
@@ -122,63 +142,20 @@ def render(config: dict, results: Path, figures: list[Path], captions: Path, out
     return "\n".join(lines)
 
 
-def _inline(text: str) -> str:
-    """Escaped text with Markdown's **bold**, *italic* and `code`."""
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<em>\1</em>", text)
-
-
-def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
 def markdown_html(text: str, title: str) -> str:
-    """The Markdown this module writes as a standalone HTML page: headings, paragraphs, bullets, pipe tables.
+    """The summary's Markdown as a standalone HTML page (markdown-it-py, CommonMark with tables).
 
     Images become a line naming the figure (the report shows the figures themselves).
     """
-    body: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            i += 1
-        elif heading := re.match(r"(#{1,6}) (.*)", line):
-            level = len(heading.group(1))
-            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-            i += 1
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(_cells(lines[i]))
-                i += 1
-            head, data = rows[0], [r for r in rows[1:] if not all(set(c) <= set(":-") for c in r)]
-            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in data)
-                        + "</tbody></table>")
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            body.append("<ul>" + "".join(items) + "</ul>")
-        elif image := re.match(r"!\[([^]]*)\]\(([^)]+)\)", line):
-            body.append(f"<p class='figure'>[figure: {_inline(image.group(1))} — in the report's figure menu]</p>")
-            i += 1
-        else:
-            paragraph = []
-            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- |!\[)", lines[i]):
-                paragraph.append(lines[i])
-                i += 1
-            body.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    from markdown_it import MarkdownIt
+
+    text = re.sub(r"^!\[([^]]*)\]\([^)]+\)$", r"*[figure: \1 — in the report's figure menu]*", text, flags=re.M)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     style = ("body{font-family:sans-serif;max-width:70em;margin:1em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
-             "th{background:#f0f0f0}.figure{color:#666}")
+             "th{background:#f0f0f0}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n" + body + "</body></html>\n")
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,7 @@
 # Every probe file and training log → tidy tables, the seeds' tables with intervals, and the verdict.
 # The outputs are listed once, in qkrank.aggregate.OUTPUTS; the module's own code is an input, so
 # editing it re-aggregates (and redraws what depends on the tables) without retraining anything.
+from qkrank.aggregate import CODE as AGGREGATE_CODE  # noqa: E402
 from qkrank.aggregate import OUTPUTS as AGGREGATE_OUTPUTS  # noqa: E402
 
 TABLES = [f"{RESULTS}/{name}" for name in AGGREGATE_OUTPUTS]
@@ -22,7 +23,7 @@ rule aggregate:
         config=f"{RESULTS}/config.json",
         probes=probe_files(),
         metrics=[f"{run_dir(cell)}/metrics.csv" for cell in CELLS if cell.optimizer != "pretrained"],
-        code=[f"{SRC}/qkrank/aggregate.py", f"{SRC}/qkrank/verdict.py"],
+        code=[f"{SRC}/qkrank/{name}.py" for name in AGGREGATE_CODE],
     output:
         [aggregate_output(path) for path in TABLES],
     log:

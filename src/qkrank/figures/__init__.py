@@ -22,6 +22,13 @@ FIGURES: dict[str, dict] = {
                            "per_mode": ["learned"]},
     "query_key_pr": {"tables": ["mean_pr_ci"], "category": "6 · Query vs key PR",
                      "title": "Query and key PR over training"},
+    "paired_effects": {"tables": ["paired"], "category": "8 · Verdict evidence",
+                       "title": "Paired differences between modes"},
+    "gamma_pr": {"tables": ["gamma_pr_points", "gamma_pr"], "category": "5 · γ", "title": "γ spread against PR"},
+    "gamma_dims": {"tables": ["gamma_dims"], "category": "5 · γ", "title": "Individual γ dimensions over training"},
+    "weight_pr": {"tables": ["weight_spectra"], "category": "4 · Spectral decay",
+                  "title": "PR of the projection weights W_Q and W_K"},
+    "depth_pr": {"tables": ["depth_pr"], "category": "3 · Key PR by layer", "title": "Depth–PR gradient over training"},
 }
 
 
