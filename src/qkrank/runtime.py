@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +130,29 @@ def init(train_cfg: dict, job_cpus: int = 1) -> Runtime:
     if cuda:
         set_tf32(rt.tf32)
     return rt
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before the time limit
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary; restores handlers on exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
