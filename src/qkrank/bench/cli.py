@@ -49,7 +49,8 @@ def markdown_table(results: dict) -> str:
     rows = []
     tr = results.get("training")
     if tr:
-        shape = f"tiny, {tr['micro_batch']}×{tr['seq_len']}, Muon, {tr['threads']} threads"
+        threads = f"{tr['threads']} thread{'s' if tr['threads'] > 1 else ''}"
+        shape = f"tiny, {tr['micro_batch']}×{tr['seq_len']}, Muon, {threads}"
         for name in ("fp32", "bf16"):
             if name not in tr:
                 continue
