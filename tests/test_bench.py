@@ -189,3 +189,20 @@ def test_without_native_bf16_the_cpu_benchmark_measures_fp32_only(monkeypatch):
     assert result["training_precision"] == "fp32" and "bf16" not in result
     assert list(result["matmul_peak_flops"]) == ["fp32"] and result["real"] == result["fp32"]
     assert "bf16_over_fp32_tokens_per_s" not in result
+
+
+def test_study_time_sums_job_seconds_per_kind_and_the_probe_share(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    jobs = {"train/tiny/learned/muon/seed0.tsv": (100.0, 90.0), "train/tiny/none/muon/seed0.tsv": (80.0, 70.0),
+            "probe/tiny/none/muon/seed0/0.tsv": (2.0, 1.5), "probe/tiny/none/muon/seed0/256.tsv": (3.0, 2.5),
+            "data.tsv": (4.0, 1.0)}
+    for rel, (s, cpu) in jobs.items():
+        path = tmp_path / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{s}\t0:00:01\t1\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "study_time.py"), str(tmp_path), "--wall", "50",
+                           "--cores", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 2 | train | 180.0 | 160.0 | 95.2% |" in proc.stdout
+    assert "| 2 | probe | 5.0 | 4.0 | 2.6% |" in proc.stdout and "| 1 | data | 4.0 | 1.0 |" in proc.stdout
+    assert "probe jobs ÷ (2 cores × 50 s wall) = 5.0%" in proc.stdout  # 5 s of probes in 100 core-seconds
