@@ -12,7 +12,8 @@ import torch
 from conftest import REPO, env_with_src
 from torch.utils.flop_counter import FlopCounterMode
 
-from qkrank import bench
+from qkrank import runtime
+from qkrank.bench import core, gpu, steps
 from qkrank.model import GPT, ModelConfig
 
 SMALL = {"vocab_size": 96, "n_layers": 2, "max_seq_len": 64}
@@ -34,17 +35,31 @@ def quick_results(tmp_path_factory):
 def test_quick_mode_writes_sane_positive_numbers(quick_results):
     out, proc = quick_results
     training = json.loads((out / "training.json").read_text())
-    for model in ("real", "naive"):
+    native = runtime.cpu_has_native_bf16()
+    dtypes = ["fp32", "bf16"] if native else ["fp32"]
+    assert training["training_precision"] == dtypes[-1] and sorted(training["matmul_peak_flops"]) == sorted(dtypes)
+    for model in ("real", "naive", *dtypes):
         for key in ("step_s", "step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
             assert _positive(training[model][key]), (model, key, training[model][key])
         assert training[model]["step_s"] == min(training[model]["step_s_all"])
+    for name in dtypes:  # MFU against the dtype's own peak, and against fp32's for comparison
+        run, peaks = training[name], training["matmul_peak_flops"]
+        assert run["mfu"] == pytest.approx(run["model_flops_per_s"] / peaks[name])
+        assert run["mfu_vs_fp32_peak"] == pytest.approx(run["model_flops_per_s"] / peaks["fp32"])
+    assert training["real"] == training[training["training_precision"]]
     assert _positive(training["fp32_matmul_peak_flops"]) and _positive(training["speedup_over_naive"])
-    assert training["flops_formula"] == bench.FLOPS_FORMULA and training["machine"]["threads"] == 1
+    if native:
+        assert training["bf16_over_fp32_tokens_per_s"] == pytest.approx(
+            training["bf16"]["tokens_per_s"] / training["fp32"]["tokens_per_s"])
+    assert training["flops_formula"] == core.FLOPS_FORMULA and training["machine"]["threads"] == 1
     probe = json.loads((out / "probe.json").read_text())
     assert _positive(probe["cost"]["interval_train_s"]) and _positive(probe["cost"]["probe_cost_ratio"])
     runs = probe["memory"]["runs"]
     assert [r["probe_tokens"] for r in runs] == [runs[0]["probe_tokens"] * 2**i for i in range(len(runs))]
     assert all(_positive(r["peak_rss_mb"]) and _positive(r["job_startup_s"]) for r in runs)
+    job = probe["cost"]["job"]
+    assert _positive(job["work_s"]) and job["job_wall_s"] == min(job["job_wall_s_all"])
+    assert job["startup_over_work"] == pytest.approx((job["job_wall_s"] - job["work_s"]) / job["work_s"])
     workflow = json.loads((out / "workflow.json").read_text())
     assert workflow["n_jobs"] > 10 and _positive(workflow["dry_run_s"])
     gpu = json.loads((out / "gpu.json").read_text())
@@ -52,7 +67,8 @@ def test_quick_mode_writes_sane_positive_numbers(quick_results):
         assert "skipped" in gpu and "runs" not in gpu, "without CUDA nothing may be reported for the GPU"
         assert "CUDA is not available" in proc.stderr
     table = (out / "bench.md").read_text()
-    assert table in proc.stdout and "CPU MFU vs fp32 matmul peak" in table and "`snakemake -n`" in table
+    assert table in proc.stdout and "CPU MFU fp32 vs fp32 matmul peak" in table and "`snakemake -n`" in table
+    assert "start-up ÷ work" in table and ("CPU MFU bf16 vs bf16 matmul peak" in table) == native
 
 
 def _counted_flops(model, idx) -> int:
@@ -69,9 +85,9 @@ def test_flop_formula_equals_torch_flop_counter():
     model = GPT(ModelConfig.from_preset("tiny", **SMALL))
     batch, seq_len = 3, 48
     idx = torch.randint(0, SMALL["vocab_size"], (batch, seq_len + 1))
-    per_token = bench.model_flops_per_token(model.cfg, bench.matmul_params(model), seq_len)
+    per_token = core.model_flops_per_token(model.cfg, core.matmul_params(model), seq_len)
     tokens = batch * seq_len
-    assert _counted_flops(bench.naive_copy(model), idx) == per_token["total"] * tokens
+    assert _counted_flops(steps.naive_copy(model), idx) == per_token["total"] * tokens
     # torch's counter has no formula for the CPU flash-attention kernel: there it sees the dense part only.
     assert _counted_flops(model, idx) in (per_token["total"] * tokens, per_token["dense"] * tokens)
 
@@ -81,7 +97,7 @@ def test_matmul_params_counts_every_linear_weight_once():
     d, kv, ff = cfg.d_model, cfg.kv_dim, cfg.d_ff
     per_layer = 2 * d * d + 2 * d * kv + 2 * d * ff
     expected = cfg.n_layers * per_layer + cfg.vocab_size * d  # the (tied) output head once
-    assert bench.matmul_params(GPT(cfg)) == expected
+    assert core.matmul_params(GPT(cfg)) == expected
 
 
 @pytest.mark.parametrize("mode", ["learned", "frozen", "none"])
@@ -91,16 +107,16 @@ def test_naive_model_computes_the_same_logits(mode):
     for block in model.blocks:  # non-trivial γ, so the norms are exercised too
         if block.attn.q_norm is not None:
             block.attn.q_norm.weight.data.uniform_(0.5, 1.5)
-    naive = bench.naive_copy(model)
-    assert all(type(b.attn) is bench.NaiveAttention for b in naive.blocks)
-    assert all(type(b.attn) is not bench.NaiveAttention for b in model.blocks)
+    naive = steps.naive_copy(model)
+    assert all(type(b.attn) is steps.NaiveAttention for b in naive.blocks)
+    assert all(type(b.attn) is not steps.NaiveAttention for b in model.blocks)
     idx = torch.randint(0, SMALL["vocab_size"], (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(naive(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_path_runs_on_cpu_with_a_tiny_config():
-    result = bench.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=2, seq_len=32, steps=2, warmup=1,
+    result = gpu.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=2, seq_len=32, steps=2, warmup=1,
                                 bf16=False, compile_model=False, peak_flops=1e11, overrides=SMALL)
     assert result["attempts"] == [{"micro_batch": 2, "grad_accum": 2, "fits": True}]
     assert result["tokens_per_step"] == 2 * 2 * 32 and len(result["step_s_all"]) == 2
@@ -109,15 +125,15 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_config():
 
 
 def test_gpu_path_halves_the_micro_batch_when_out_of_memory(monkeypatch):
-    measure = bench._measure_attempt
+    measure = gpu._measure_attempt
 
     def fits_only_two(cfg, device, micro_batch, *args):
         if micro_batch > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return measure(cfg, device, micro_batch, *args)
 
-    monkeypatch.setattr(bench, "_measure_attempt", fits_only_two)
-    result = bench.gpu_training("tiny", device="cpu", micro_batch=8, grad_accum=1, seq_len=16, steps=1, warmup=1,
+    monkeypatch.setattr(gpu, "_measure_attempt", fits_only_two)
+    result = gpu.gpu_training("tiny", device="cpu", micro_batch=8, grad_accum=1, seq_len=16, steps=1, warmup=1,
                                 bf16=False, compile_model=False, overrides=SMALL)
     assert [(a["micro_batch"], a["grad_accum"], a["fits"]) for a in result["attempts"]] == [
         (8, 1, False), (4, 2, False), (2, 4, True)]
@@ -133,7 +149,7 @@ def test_gpu_path_falls_back_to_eager_when_the_compiled_step_fails(monkeypatch, 
         self.forward = fail
 
     monkeypatch.setattr(Block, "compile", broken_compile)
-    result = bench.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=1, seq_len=16, steps=1, warmup=1,
+    result = gpu.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=1, seq_len=16, steps=1, warmup=1,
                                 bf16=False, compile_model=True, overrides=SMALL)
     assert result["compile"].startswith("failed (RuntimeError: inductor exploded") and result["compile"].endswith(
         "eager")
@@ -142,14 +158,14 @@ def test_gpu_path_falls_back_to_eager_when_the_compiled_step_fails(monkeypatch, 
 
 
 def test_gpu_peak_comes_from_the_device_name_or_the_override(monkeypatch):
-    monkeypatch.delenv(bench.PEAK_ENV, raising=False)
-    assert bench.gpu_spec_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
-    assert bench.gpu_spec_peak("NVIDIA H100 PCIe")[0] == 756e12
-    assert bench.gpu_spec_peak("NVIDIA H200")[0] == 989e12
-    peak, source = bench.gpu_spec_peak("Some Future GPU")
-    assert peak is None and bench.PEAK_ENV in source
-    monkeypatch.setenv(bench.PEAK_ENV, "500")
-    assert bench.gpu_spec_peak("NVIDIA H100 PCIe") == (500e12, f"${bench.PEAK_ENV}")
+    monkeypatch.delenv(gpu.PEAK_ENV, raising=False)
+    assert gpu.gpu_spec_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert gpu.gpu_spec_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu.gpu_spec_peak("NVIDIA H200")[0] == 989e12
+    peak, source = gpu.gpu_spec_peak("Some Future GPU")
+    assert peak is None and gpu.PEAK_ENV in source
+    monkeypatch.setenv(gpu.PEAK_ENV, "500")
+    assert gpu.gpu_spec_peak("NVIDIA H100 PCIe") == (500e12, f"${gpu.PEAK_ENV}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -159,3 +175,34 @@ def test_gpu_script_skips_without_cuda_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "CUDA is not available" in proc.stderr
     assert "skipped" in json.loads((tmp_path / "gpu.json").read_text())
+
+
+def test_without_native_bf16_the_cpu_benchmark_measures_fp32_only(monkeypatch):
+    from qkrank.bench import cpu
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    threads = torch.get_num_threads()
+    try:
+        result = cpu.training_efficiency(1, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["training_precision"] == "fp32" and "bf16" not in result
+    assert list(result["matmul_peak_flops"]) == ["fp32"] and result["real"] == result["fp32"]
+    assert "bf16_over_fp32_tokens_per_s" not in result
+
+
+def test_study_time_sums_job_seconds_per_kind_and_the_probe_share(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    jobs = {"train/tiny/learned/muon/seed0.tsv": (100.0, 90.0), "train/tiny/none/muon/seed0.tsv": (80.0, 70.0),
+            "probe/tiny/none/muon/seed0/0.tsv": (2.0, 1.5), "probe/tiny/none/muon/seed0/256.tsv": (3.0, 2.5),
+            "data.tsv": (4.0, 1.0)}
+    for rel, (s, cpu) in jobs.items():
+        path = tmp_path / "benchmarks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{s}\t0:00:01\t1\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "study_time.py"), str(tmp_path), "--wall", "50",
+                           "--cores", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 2 | train | 180.0 | 160.0 | 95.2% |" in proc.stdout
+    assert "| 2 | probe | 5.0 | 4.0 | 2.6% |" in proc.stdout and "| 1 | data | 4.0 | 1.0 |" in proc.stdout
+    assert "probe jobs ÷ (2 cores × 50 s wall) = 5.0%" in proc.stdout  # 5 s of probes in 100 core-seconds

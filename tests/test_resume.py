@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import pickle
 import random
@@ -19,7 +20,7 @@ import torch
 from conftest import env_with_src, micro_config, run_snakemake, write_config
 
 import qkrank.train as train
-from qkrank import checkpoint
+from qkrank import checkpoint, runtime
 from qkrank import config as qconfig
 from qkrank.metrics import DETERMINISTIC_COLUMNS
 
@@ -67,6 +68,8 @@ def clean_run(tmp_path_factory, micro_data) -> Path:
     out = tmp_path_factory.mktemp("clean") / "run"
     train.train_cell(_settings(micro_config()), micro_data, out)
     assert len(deterministic_log(out)) == STEPS + 1 and not (out / "resume").exists()
+    # `auto` precision: these resume tests cover the bf16 autocast path wherever the CPU has native bf16.
+    assert json.loads((out / "train.json").read_text())["runtime"]["bf16"] == runtime.cpu_has_native_bf16()
     return out
 
 

@@ -113,14 +113,28 @@ def test_validation_loss_is_the_mean_over_fixed_held_out_windows(micro_data):
 
 @pytest.mark.parametrize("cuda,bf16_native,config,expected", [
     (False, False, "auto", {"bf16": False, "compile": False, "tf32": False}),
+    (False, True, "auto", {"bf16": True, "compile": False, "tf32": False}),  # a CPU with AVX512-BF16 or AMX
     (True, True, "auto", {"bf16": True, "compile": True, "tf32": True}),
     (True, False, "auto", {"bf16": False, "compile": True, "tf32": True}),  # e.g. a V100: no native bf16
     (True, True, False, {"bf16": False, "compile": False, "tf32": False}),
+    (False, True, False, {"bf16": False, "compile": False, "tf32": False}),
     (False, False, True, {"bf16": True, "compile": True, "tf32": False}),  # TF32 does not exist on CPU
 ])
-def test_gpu_switches_resolve_from_config_and_hardware(cuda, bf16_native, config, expected):
+def test_switches_resolve_from_config_and_hardware(cuda, bf16_native, config, expected):
     train = {"bf16": config, "compile": config, "tf32": config}
-    assert runtime.resolve_switches(train, cuda=cuda, cuda_bf16=bf16_native) == expected
+    assert runtime.resolve_switches(train, cuda=cuda, bf16_native=bf16_native) == expected
+
+
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),  # Zen 4, Cooper Lake
+    ("fpu sse avx2 avx512f amx_tile amx_bf16 amx_int8", True),  # Sapphire Rapids
+    ("fpu sse avx2 avx512f avx512bw avx512_vnni", False),  # Skylake-SP: bf16 would be emulated
+    ("fp asimd bf16 i8mm", False),  # an Arm flag of another name is not taken for x86's
+])
+def test_native_bf16_is_read_from_the_cpu_flags(flags, native):
+    cpuinfo = f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert bool(runtime.cpu_flags(cpuinfo) & set(runtime.CPU_BF16_FLAGS)) is native
+    assert runtime.cpu_flags("no flags here") == set()
 
 
 def test_bad_switch_value_is_rejected():
@@ -141,10 +155,11 @@ def test_runtime_on_cpu_selects_the_cpu_path():
     threads = torch.get_num_threads()
     try:
         rt = runtime.init(_settings()["train"], job_cpus=2)
+        native = runtime.cpu_has_native_bf16()  # `auto`: bf16 exactly where the CPU has it natively
         assert (rt.device, rt.bf16, rt.compile, rt.tf32, rt.world_size, rt.backend) == \
-            (torch.device("cpu"), False, False, False, 1, None)
+            (torch.device("cpu"), native, False, False, 1, None)
         assert torch.get_num_threads() == 2
-        assert isinstance(rt.autocast(), type(CPU.autocast()))
+        assert isinstance(rt.autocast(), torch.autocast if native else type(CPU.autocast()))
     finally:
         torch.set_num_threads(threads)
     assert runtime.Runtime(torch.device("cpu"), False, False, False, rank=1, world_size=2).backend == "gloo"

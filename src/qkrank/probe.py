@@ -242,7 +242,7 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
 
 
 def main(argv=None) -> None:
-    from qkrank.train import add_settings_args, settings_from_args
+    from qkrank.cell_args import add_settings_args, settings_from_args
 
     parser = argparse.ArgumentParser(description="Probe one snapshot of a trained cell into an HDF5 file.")
     add_settings_args(parser)

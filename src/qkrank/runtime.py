@@ -1,9 +1,12 @@
-"""Where and how a job computes: device, threads, GPU switches (bf16, compile, TF32) and DDP setup."""
+"""Where and how a job computes: device, threads, precision and GPU switches (bf16, compile, TF32), DDP setup."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,10 @@ class Runtime:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
     def autocast(self):
-        """bf16 autocast when switched on (on the job's device); a no-op context otherwise."""
+        """bf16 autocast when switched on (on the job's device); a no-op context otherwise.
+
+        Only the forward's matmuls run in bf16: weights, gradients, optimizer states stay float32 (probes,
+        which never enter this context, compute their spectra in float64)."""
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -50,14 +56,38 @@ def resolve_switch(value, available: bool) -> bool:
     raise ValueError(f"switch value {value!r} is not one of 'auto', true, false")
 
 
-def resolve_switches(train_cfg: dict, cuda: bool, cuda_bf16: bool) -> dict[str, bool]:
-    """The GPU switches this job uses, from config and what the hardware offers.
+# CPU flags of native bf16 dot products (AVX512-BF16 VDPBF16PS, AMX tiles): there oneDNN runs bf16 matmuls at
+# 2-4x the fp32 rate. Elsewhere bf16 is emulated through fp32 and only adds conversions.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
-    ``auto`` turns bf16 autocast on only on a CUDA device with native bf16, ``torch.compile`` and TF32 only
-    on CUDA. An explicit ``true`` is obeyed on CPU too for bf16 and compile (CPU autocast, inductor on CPU);
-    TF32 exists only on CUDA, so it is off on CPU whatever the config says.
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first CPU in a /proc/cpuinfo text (empty if it has none)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU computes bf16 dot products natively (flags in /proc/cpuinfo, else torch's view)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(cpu_flags(f.read()) & set(CPU_BF16_FLAGS))
+    except OSError:  # not Linux: trust the kernel set torch picked (AMX implies native bf16)
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def resolve_switches(train_cfg: dict, cuda: bool, bf16_native: bool) -> dict[str, bool]:
+    """The precision and GPU switches this job uses, from config and what the hardware offers.
+
+    ``auto`` turns bf16 autocast on where the job's device has native bf16 (a CUDA GPU with bf16 tensor
+    cores, a CPU with AVX512-BF16 or AMX); ``torch.compile`` and TF32 only on CUDA. An explicit ``true`` is
+    obeyed on CPU too for bf16 and compile (CPU autocast, inductor on CPU); TF32 exists only on CUDA, so it
+    is off on CPU whatever the config says.
     """
-    return {"bf16": resolve_switch(train_cfg["bf16"], cuda and cuda_bf16),
+    return {"bf16": resolve_switch(train_cfg["bf16"], bf16_native),
             "compile": resolve_switch(train_cfg["compile"], cuda),
             "tf32": resolve_switch(train_cfg["tf32"], cuda) and cuda}
 
@@ -92,13 +122,37 @@ def init(train_cfg: dict, job_cpus: int = 1) -> Runtime:
     torch.set_num_threads(train_cfg["threads"] or max(1, job_cpus // world_size))
     if cuda:
         torch.cuda.set_device(device)
-    switches = resolve_switches(train_cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    bf16_native = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_has_native_bf16()
+    switches = resolve_switches(train_cfg, cuda, bf16_native)
     rt = Runtime(device=device, rank=rank, world_size=world_size, **switches)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(rt.backend)
     if cuda:
         set_tf32(rt.tf32)
     return rt
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before the time limit
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary; restores handlers on exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

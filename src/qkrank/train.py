@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from qkrank import checkpoint, runtime
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_write_text
+from qkrank.cell_args import add_settings_args, settings_from_args
 from qkrank.data import DataError, TokenShards, sha256_file
 from qkrank.metrics import Progress, write_csv
 from qkrank.model import GPT, ModelConfig
@@ -34,7 +35,6 @@ from qkrank.optim import build_optimizers, lr_factor, set_lr
 from qkrank.provenance import provenance
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Fault-injection hooks for the tests (docs/training.md). N is the optimizer step as in metrics.csv's
 # `step` column: NaN replaces step N's loss; kill -9 hits right after step N (and its checkpoint, if any).
 FAULT_NAN_AT_STEP = "QKRANK_FAULT_NAN_AT_STEP"
@@ -82,26 +82,6 @@ def validation_loss(model, windows: np.ndarray, micro_batch: int, rt: runtime.Ru
     return (total[0] / total[1]).item()
 
 
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary; restores handlers on exit."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _env_step(name: str) -> int:
     value = os.environ.get(name, "")
     if value and not value.lstrip("-").isdigit():
@@ -141,160 +121,249 @@ def _same_on_all_ranks(value: int, rt: runtime.Runtime) -> bool:
 def train_cell(settings: dict, data_dir: Path, run_dir: Path) -> dict:
     """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``."""
     rt = runtime.init(settings["train"], settings["resources"]["train"]["cpus"])
-    with StopSignal() as stop:
+    with runtime.StopSignal() as stop:
         return _train(settings, Path(data_dir), Path(run_dir), rt, stop)
 
 
-def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: StopSignal) -> dict:
-    train_cfg, cell, seed = settings["train"], settings["cell"], settings["cell"]["seed"]
-    snap_dir, resume_dir = run_dir / "snapshots", run_dir / "resume"
-    cfg_hash = qconfig.config_hash(qconfig.training_identity(settings))
-    seq_len, micro, accum = train_cfg["seq_len"], train_cfg["micro_batch"], train_cfg["grad_accum"]
+def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal) -> dict:
+    run = start_or_resume(settings, data_dir, run_dir, rt)
+    faults = Faults.from_env()
+    if run.tokens_seen == 0:
+        val0 = validation_loss(run.model, run.val_windows, run.micro, rt)
+        run.rows = [{"tokens_seen": 0, "step": 0, "val_loss": val0, "wall_s": 0.0}]
+        save(run, val0)
+    run.model.train()
+    while run.tokens_seen < run.total_tokens:
+        val_loss, stop_requested = train_step(run, stop, faults)
+        if run.at_snapshot:
+            save(run, val_loss)
+        faults.after_step(run.step)
+        if stop_requested and run.tokens_seen < run.total_tokens:
+            if not run.at_snapshot:
+                save(run, val_loss)
+            runtime.barrier(rt)
+            run.progress.close()
+            raise Preempted(f"{run.cell['id']}: stop signal received; resume checkpoint written at "
+                            f"{run.tokens_seen:,} tokens (step {run.step}) in {run.resume_dir}")
+    run.progress.close()
+    return finish(run)
+
+
+@dataclass
+class Faults:
+    """The fault-injection hooks of the tests (docs/training.md); -1 = off."""
+
+    nan_step: int = -1
+    kill_step: int = -1
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        return cls(_env_step(FAULT_NAN_AT_STEP), _env_step(FAULT_KILL_AT_STEP))
+
+    def loss(self, step: int, loss: float) -> float:
+        return float("nan") if step == self.nan_step else loss
+
+    def after_step(self, step: int) -> None:
+        if step == self.kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class CellRun:
+    """One cell's training state: what start_or_resume builds, train_step advances and save writes."""
+
+    settings: dict
+    rt: runtime.Runtime
+    run_dir: Path
+    shards: TokenShards
+    model: GPT
+    optimizers: dict
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    forward: object  # train_model, or its torch.compile'd version
+    n_windows: int
+    val_windows: np.ndarray
+    cfg_hash: str
+    step: int = 0
+    tokens_seen: int = 0
+    rows: list = field(default_factory=list)
+    wall_before: float = 0.0  # training seconds before this process (from the resume checkpoint)
+    resumed_from: str | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    progress: Progress | None = None
+
+    @property
+    def cell(self) -> dict:
+        return self.settings["cell"]
+
+    @property
+    def train_cfg(self) -> dict:
+        return self.settings["train"]
+
+    @property
+    def micro(self) -> int:
+        return self.train_cfg["micro_batch"]
+
+    @property
+    def step_tokens(self) -> int:
+        return qconfig.tokens_per_step(self.train_cfg)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.train_cfg["total_tokens"]
+
+    @property
+    def snapshot_marks(self) -> set[int]:
+        return set(qconfig.checkpoint_tokens(self.settings))
+
+    @property
+    def at_snapshot(self) -> bool:
+        return self.tokens_seen in self.snapshot_marks
+
+    @property
+    def snap_dir(self) -> Path:
+        return self.run_dir / "snapshots"
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.run_dir / "resume"
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    def meta(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "step": self.step, "config_hash": self.cfg_hash, "cell": self.cell,
+                "model_config": self.model.cfg.to_dict(), "data_hash": self.shards.content_hash}
+
+
+def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime) -> CellRun:
+    """The model, optimizers and data of a cell, restored from its newest valid resume checkpoint if any."""
+    cell, train_cfg = settings["cell"], settings["train"]
+    micro, seq_len = train_cfg["micro_batch"], train_cfg["seq_len"]
     if micro % rt.world_size:
         raise qconfig.ConfigError(f"config field 'scales.{cell['scale']}.train.micro_batch': {micro} is not "
                                   f"divisible by the {rt.world_size} processes this job was launched with")
-    step_tokens, total_tokens = qconfig.tokens_per_step(train_cfg), train_cfg["total_tokens"]
-    snapshot_marks = set(qconfig.checkpoint_tokens(settings))
-
     shards = TokenShards(data_dir)
     model = build_model(settings, shards.vocab_size).to(rt.device)
     optimizers = build_optimizers(model, cell["optimizer"], settings["optim"])
-    n_windows = shards.n_windows("train", seq_len + 1)
-    val_windows = shards.fixed_windows("val", max(1, train_cfg["val_tokens"] // seq_len), seq_len + 1)
-
-    step, tokens_seen, rows, wall_before = 0, 0, [], 0.0
+    cfg_hash = qconfig.config_hash(qconfig.training_identity(settings))
+    resume_dir = run_dir / "resume"
     state = checkpoint.latest_valid(resume_dir, cfg_hash)
-    resumed_from = None
+    restored = {}
     if state is not None:
-        resumed_from = state["path"]
         if state["data_hash"] != shards.content_hash:
             raise checkpoint.CheckpointError(
-                f"{resumed_from}: written for data {state['data_hash']}, but {data_dir} now holds data "
+                f"{state['path']}: written for data {state['data_hash']}, but {data_dir} now holds data "
                 f"{shards.content_hash}; delete {resume_dir} to start the cell afresh on the new data")
         checkpoint.restore(state, model, optimizers)
-        step, tokens_seen, rows, wall_before = state["step"], state["tokens_seen"], state["metrics"], state["wall_s"]
+        restored = {"step": state["step"], "tokens_seen": state["tokens_seen"], "rows": state["metrics"],
+                    "wall_before": state["wall_s"], "resumed_from": state["path"]}
         del state
-    if not _same_on_all_ranks(tokens_seen, rt):
+    if not _same_on_all_ranks(restored.get("tokens_seen", 0), rt):
         raise checkpoint.CheckpointError(f"{resume_dir}: processes found different resume points; is the "
                                          f"run directory on a file system all of them see alike?")
-
     train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.world_size > 1 else model
-    forward = torch.compile(train_model) if rt.compile else train_model
-    progress = Progress(cell["id"], total_tokens, tokens_seen, enabled=rt.is_main)
-    progress.line(f"{'resumed from ' + resumed_from if resumed_from else 'starting'} at {tokens_seen:,} tokens; "
-                  f"{step_tokens:,} tokens/step; {json.dumps(rt.describe())}")
-    t_start = time.perf_counter()
+    run = CellRun(settings=settings, rt=rt, run_dir=run_dir, shards=shards, model=model, optimizers=optimizers,
+                  train_model=train_model, forward=torch.compile(train_model) if rt.compile else train_model,
+                  n_windows=shards.n_windows("train", seq_len + 1),
+                  val_windows=shards.fixed_windows("val", max(1, train_cfg["val_tokens"] // seq_len), seq_len + 1),
+                  cfg_hash=cfg_hash, **restored)
+    run.progress = Progress(cell["id"], run.total_tokens, run.tokens_seen, enabled=rt.is_main)
+    run.progress.line(f"{'resumed from ' + run.resumed_from if run.resumed_from else 'starting'} at "
+                      f"{run.tokens_seen:,} tokens; {run.step_tokens:,} tokens/step; {json.dumps(rt.describe())}")
+    run.t_start = time.perf_counter()
+    return run
 
-    def save(val_loss: float | None) -> None:
-        """Snapshot (at a probe mark) and resume checkpoint of the state after ``step``; rank 0 writes."""
-        if not rt.is_main:
-            return
-        meta = {"tokens_seen": tokens_seen, "step": step, "config_hash": cfg_hash, "cell": cell,
-                "model_config": model.cfg.to_dict(), "data_hash": shards.content_hash}
-        if tokens_seen in snapshot_marks:
-            checkpoint.atomic_save({"model": model.state_dict(), "val_loss": val_loss, **meta},
-                                   snap_dir / f"{tokens_seen}.pt")
-        resume_meta = {**meta, "wall_s": wall_before + time.perf_counter() - t_start,
-                       # Batches are a pure function of (seed, step): the next step index is the data position.
-                       "data_position": {"seed": seed, "next_step": step, "rows_per_step": micro * accum},
-                       "schedule": {**settings["optim"]["schedule"],
-                                    "next_lr_factor": lr_factor(tokens_seen + step_tokens, total_tokens,
-                                                                settings["optim"]["schedule"])}}
-        checkpoint.atomic_save(checkpoint.resume_state(model, optimizers, resume_meta, rows),
-                               resume_dir / f"{tokens_seen}.pt")
-        checkpoint.prune(resume_dir, train_cfg["keep_resume_checkpoints"])
-        write_csv(rows, run_dir / "metrics.csv")  # readable while the cell runs
 
-    if tokens_seen == 0:
-        val0 = validation_loss(model, val_windows, micro, rt)
-        rows = [{"tokens_seen": 0, "step": 0, "val_loss": val0, "wall_s": 0.0}]
-        save(val0)
+def train_step(run: CellRun, stop: runtime.StopSignal, faults: Faults) -> tuple[float | None, bool]:
+    """One optimizer step (accumulate, clip, guard, update), then validation and the log row when due.
 
-    nan_step, kill_step = _env_step(FAULT_NAN_AT_STEP), _env_step(FAULT_KILL_AT_STEP)
-    model.train()
-    while tokens_seen < total_tokens:
-        t0 = time.perf_counter()
-        starts = batch_starts(seed, step, n_windows, micro * accum).reshape(accum, micro)
-        local_loss = _forward_backward(forward, train_model, shards, starts, rt, seq_len)
-        # One collective per step: the mean loss, and whether any process was asked to stop.
-        reduced = runtime.all_reduce_sum(
-            torch.stack([local_loss.float(), torch.tensor(float(stop.received is not None), device=rt.device)]), rt)
-        train_loss, stop_requested = (reduced[0] / rt.world_size).item(), reduced[1].item() > 0
-        if step + 1 == nan_step:
-            train_loss = float("nan")
-        clip = train_cfg["grad_clip"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf")).item()
-        for name, value in (("training loss", train_loss), ("gradient norm", grad_norm)):
-            if not math.isfinite(value):
-                kept = checkpoint.list_checkpoints(resume_dir)
-                raise TrainingDiverged(
-                    f"{cell['id']}: {name} is {value} at step {step + 1} (tokens seen {tokens_seen:,}); "
-                    f"stopped before the optimizer update. Last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'} (resume/ is left as it is)")
-        lrs = set_lr(optimizers, lr_factor(tokens_seen + step_tokens, total_tokens, settings["optim"]["schedule"]))
-        for opt in optimizers.values():
-            opt.step()
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += step_tokens
-        tokens_per_s = step_tokens / (time.perf_counter() - t0)
-        val_loss = None
-        if tokens_seen % train_cfg["val_every_tokens"] == 0 or tokens_seen in snapshot_marks:
-            val_loss = validation_loss(model, val_windows, micro, rt)
-        if step % train_cfg["log_every_steps"] == 0 or val_loss is not None:
-            rows.append({"tokens_seen": tokens_seen, "step": step, "train_loss": train_loss, "val_loss": val_loss,
-                         "lr_muon": lrs.get("muon"), "lr_adamw": lrs.get("adamw"), "grad_norm": grad_norm,
-                         "tokens_per_s": round(tokens_per_s, 1),
-                         "wall_s": round(wall_before + time.perf_counter() - t_start, 3)})
-        progress.update(tokens_seen, step_tokens, train_loss, tokens_per_s, force_line=tokens_seen in snapshot_marks)
-        if tokens_seen in snapshot_marks:
-            save(val_loss)
-        if step == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if stop_requested and tokens_seen < total_tokens:
-            if tokens_seen not in snapshot_marks:
-                save(val_loss)
-            runtime.barrier(rt)
-            progress.close()
-            raise Preempted(f"{cell['id']}: stop signal received; resume checkpoint written at {tokens_seen:,} "
-                            f"tokens (step {step}) in {resume_dir}")
-    progress.close()
+    Returns the validation loss (None when none was due) and whether any process was asked to stop.
+    """
+    rt, train_cfg, schedule = run.rt, run.train_cfg, run.settings["optim"]["schedule"]
+    t0 = time.perf_counter()
+    starts = batch_starts(run.cell["seed"], run.step, run.n_windows, run.micro * train_cfg["grad_accum"])
+    local_loss = _forward_backward(run.forward, run.train_model, run.shards,
+                                   starts.reshape(train_cfg["grad_accum"], run.micro), rt, train_cfg["seq_len"])
+    # One collective per step: the mean loss, and whether any process was asked to stop.
+    reduced = runtime.all_reduce_sum(
+        torch.stack([local_loss.float(), torch.tensor(float(stop.received is not None), device=rt.device)]), rt)
+    train_loss = faults.loss(run.step + 1, (reduced[0] / rt.world_size).item())
+    clip = train_cfg["grad_clip"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip if clip else float("inf")).item()
+    for name, value in (("training loss", train_loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            kept = checkpoint.list_checkpoints(run.resume_dir)
+            raise TrainingDiverged(
+                f"{run.cell['id']}: {name} is {value} at step {run.step + 1} (tokens seen {run.tokens_seen:,}); "
+                f"stopped before the optimizer update. Last good checkpoint: "
+                f"{kept[-1] if kept else 'none'} (resume/ is left as it is)")
+    lrs = set_lr(run.optimizers, lr_factor(run.tokens_seen + run.step_tokens, run.total_tokens, schedule))
+    for opt in run.optimizers.values():
+        opt.step()
+    for opt in run.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += run.step_tokens
+    tokens_per_s = run.step_tokens / (time.perf_counter() - t0)
+    val_loss = None
+    if run.tokens_seen % train_cfg["val_every_tokens"] == 0 or run.at_snapshot:
+        val_loss = validation_loss(run.model, run.val_windows, run.micro, rt)
+    if run.step % train_cfg["log_every_steps"] == 0 or val_loss is not None:
+        run.rows.append({"tokens_seen": run.tokens_seen, "step": run.step, "train_loss": train_loss,
+                         "val_loss": val_loss, "lr_muon": lrs.get("muon"), "lr_adamw": lrs.get("adamw"),
+                         "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+                         "wall_s": round(run.wall_s(), 3)})
+    run.progress.update(run.tokens_seen, run.step_tokens, train_loss, tokens_per_s, force_line=run.at_snapshot)
+    return val_loss, reduced[1].item() > 0
 
+
+def save(run: CellRun, val_loss: float | None) -> None:
+    """The state after ``run.step``: its snapshot (at a probe mark) and a resume checkpoint; rank 0 writes."""
+    if not run.rt.is_main:
+        return
+    if run.at_snapshot:
+        save_snapshot(run, val_loss)
+    save_resume(run)
+    write_csv(run.rows, run.run_dir / "metrics.csv")  # readable while the cell runs
+
+
+def save_snapshot(run: CellRun, val_loss: float | None) -> None:
+    """``snapshots/{tokens}.pt``: the weights and metadata a probe job reads."""
+    checkpoint.atomic_save({"model": run.model.state_dict(), "val_loss": val_loss, **run.meta()},
+                           run.snap_dir / f"{run.tokens_seen}.pt")
+
+
+def save_resume(run: CellRun) -> None:
+    """``resume/{tokens}.pt``: everything a killed job restarts from; older ones beyond the configured count go."""
+    schedule = run.settings["optim"]["schedule"]
+    resume_meta = {**run.meta(), "wall_s": run.wall_s(),
+                   # Batches are a pure function of (seed, step): the next step index is the data position.
+                   "data_position": {"seed": run.cell["seed"], "next_step": run.step,
+                                     "rows_per_step": run.micro * run.train_cfg["grad_accum"]},
+                   "schedule": {**schedule, "next_lr_factor": lr_factor(run.tokens_seen + run.step_tokens,
+                                                                        run.total_tokens, schedule)}}
+    checkpoint.atomic_save(checkpoint.resume_state(run.model, run.optimizers, resume_meta, run.rows),
+                           run.resume_dir / f"{run.tokens_seen}.pt")
+    checkpoint.prune(run.resume_dir, run.train_cfg["keep_resume_checkpoints"])
+
+
+def finish(run: CellRun) -> dict:
+    """The final log and ``train.json`` (snapshot hashes, runtime); the resume state is removed."""
     manifest = {}
-    if rt.is_main:
-        write_csv(rows, run_dir / "metrics.csv")
-        snapshots = {str(t): {"path": f"snapshots/{t}.pt", "sha256": sha256_file(snap_dir / f"{t}.pt")}
-                     for t in sorted(snapshot_marks)}
-        manifest = {"cell": cell, "config_hash": cfg_hash, "data_hash": shards.content_hash,
-                    "tokens_seen": tokens_seen, "steps": step, "tokens_per_step": step_tokens,
-                    "snapshots": snapshots, "n_params": model.num_params(), "runtime": rt.describe(),
+    if run.rt.is_main:
+        write_csv(run.rows, run.run_dir / "metrics.csv")
+        snapshots = {str(t): {"path": f"snapshots/{t}.pt", "sha256": sha256_file(run.snap_dir / f"{t}.pt")}
+                     for t in sorted(run.snapshot_marks)}
+        manifest = {"cell": run.cell, "config_hash": run.cfg_hash, "data_hash": run.shards.content_hash,
+                    "tokens_seen": run.tokens_seen, "steps": run.step, "tokens_per_step": run.step_tokens,
+                    "snapshots": snapshots, "n_params": run.model.num_params(), "runtime": run.rt.describe(),
                     "provenance": provenance()}
-        atomic_write_text(run_dir / "train.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(run.run_dir / "train.json", json.dumps(manifest, indent=2) + "\n")
         # Done: a forced rerun must retrain from zero, not resume the finished state.
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    runtime.barrier(rt)
+        shutil.rmtree(run.resume_dir, ignore_errors=True)
+    runtime.barrier(run.rt)
     return manifest
-
-
-def settings_from_args(args) -> dict:
-    if args.settings:
-        raw = qconfig.load_json(args.settings)
-        cell = qconfig.Cell.parse(raw["cell"]["id"])
-        config = {"grid": {"scales": [cell.scale], "modes": [cell.mode], "optimizers": [cell.optimizer],
-                           "seeds": [cell.seed]},
-                  "data": raw["data"], "scales": {cell.scale: {k: raw[k] for k in
-                                                               ("model", "train", "optim", "probe", "resources")}}}
-        return qconfig.cell_settings(qconfig.load(config), cell)
-    config = qconfig.load(args.config)
-    return qconfig.cell_settings(config, qconfig.Cell.parse(args.cell))
-
-
-def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(qconfig.DEFAULT_CONFIG_PATH), help="study config YAML")
-    parser.add_argument("--cell", help="cell id scale/mode/optimizer/seedN (with --config)")
-    parser.add_argument("--settings", help="a cell's resolved settings.json (what the workflow passes)")
 
 
 def main(argv=None) -> None:

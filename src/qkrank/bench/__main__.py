@@ -1,0 +1,3 @@
+from qkrank.bench.cli import main
+
+main()
