@@ -85,14 +85,21 @@ def test_every_dataset_is_present_with_its_shape(study, mode):
                 for tensor, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
                     for site in SITES:
                         group = f[f"layers/{layer}/{tensor}/{site}"]
-                        assert set(group) == {"sv", "eig_cov", "act", *METRICS}
+                        assert set(group) == {"sv", "eig_cov", "act", "pr_seq", "pr_seq_each", *METRICS}
+                        assert group["pr"].attrs["n"] == n_tokens == f.attrs["pr_n"]
+                        assert group["pr_seq"].attrs["n"] == settings["train"]["seq_len"] == f.attrs["pr_seq_n"]
+                        assert group["pr_seq_each"].shape == (settings["probe"]["n_sequences"], heads)
                         for name in ("sv", "eig_cov"):
                             values = group[name][()]
                             assert values.shape == (heads, cfg.head_dim) and values.dtype == np.float64
                             assert np.all(np.diff(values, axis=1) <= 0), f"{name} must be descending"
                         for metric in METRICS:
                             assert group[metric].shape == (heads,) and group[metric].dtype == np.float64
-                        act = group["act"]
+                    weight = f[f"layers/{layer}/{tensor}/weight"]
+                    assert set(weight) == {"sv", "eig_cov", *METRICS} and weight.attrs["n"] == cfg.d_model
+                    assert weight["sv"].shape == (heads, cfg.head_dim) and weight["pr"].shape == (heads,)
+                    for site in SITES:
+                        act = f[f"layers/{layer}/{tensor}/{site}/act"]
                         assert act.shape == (heads, n_tokens, cfg.head_dim) and act.dtype == np.float16
                         assert act.compression == "gzip"
                 gammas = {t: f.get(f"layers/{layer}/gamma_{t}") for t in TENSORS}
@@ -144,6 +151,47 @@ def test_pr_recomputed_from_act_with_numpy_svd_equals_stored_pr(study):
                             # In practice rounding errors average out: each σ moves by uᵢᵀEvᵢ, a sum of n·d
                             # independent errors, ~2⁻¹¹/√(3n) ≈ 2e-5 relative at n = 256; 1e-4 is 5× above that.
                             assert recomputed == pytest.approx(stored[head], rel=1e-4)
+
+
+def test_per_sequence_pr_is_the_mean_of_each_sequences_numpy_pr(study, micro_data):
+    settings, run = study["learned"]
+    model = _model(run, 2048)
+    windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+    with torch.no_grad(), model.capture() as captured:
+        model(torch.from_numpy(windows))
+    with h5py.File(run / "probe" / "2048.h5") as f:
+        for layer in range(model.cfg.n_layers):
+            for tensor in TENSORS:
+                for site in SITES:
+                    value = captured[f"layer.{layer}/{tensor}/{site}"].double().numpy()  # (B, heads, T, d)
+                    each = np.array([[pr(np.linalg.svd(value[b, h], compute_uv=False)) for h in range(value.shape[1])]
+                                     for b in range(value.shape[0])])
+                    group = f[f"layers/{layer}/{tensor}/{site}"]
+                    np.testing.assert_allclose(group["pr_seq_each"][()], each, rtol=1e-9)
+                    np.testing.assert_allclose(group["pr_seq"][()], each.mean(0), rtol=1e-9)
+                    # n = 64 vectors per sequence against n = 256 pooled: the per-sequence PR is the smaller
+                    assert np.all(group["pr_seq"][()] < group["pr"][()])
+
+
+def test_weight_spectra_are_numpy_svds_of_each_heads_projection_block(study):
+    for mode in ("learned", "none"):
+        _, run = study[mode]
+        for tokens in (0, 2048):
+            model = _model(run, tokens)
+            hd = model.cfg.head_dim
+            with h5py.File(run / "probe" / f"{tokens}.h5") as f:
+                for layer, block in enumerate(model.blocks):
+                    for tensor, weight in (("q", block.attn.q_proj.weight), ("k", block.attn.k_proj.weight)):
+                        w = weight.detach().double().numpy()
+                        group = f[f"layers/{layer}/{tensor}/weight"]
+                        for head in range(w.shape[0] // hd):
+                            block_h = w[head * hd:(head + 1) * hd]  # (d, d_model)
+                            sv = np.linalg.svd(block_h, compute_uv=False)
+                            cols = block_h.T - block_h.T.mean(0)
+                            eig = np.sort(np.linalg.eigvalsh(cols.T @ cols / (len(cols) - 1)))[::-1]
+                            np.testing.assert_allclose(group["sv"][head], sv, rtol=1e-9)
+                            np.testing.assert_allclose(group["eig_cov"][head], eig, rtol=1e-8, atol=1e-15)
+                            assert group["pr"][head] == pytest.approx(pr(sv), rel=1e-9)
 
 
 def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_data):
