@@ -306,6 +306,9 @@ def config_hash(obj) -> str:
 
 def training_identity(settings: dict) -> dict:
     """The parts of a cell's settings that change its trained weights (not resources or probes)."""
+    # A muon cell never reads adamw_hidden: setting it for the adamw cells of a scale must not retrain these.
+    unused = "adamw_hidden" if settings["cell"]["optimizer"] == "muon" else None
     return {k: settings[k] for k in ("cell", "model", "train", "optim", "data")} | {
+        "optim": {k: v for k, v in settings["optim"].items() if k != unused}} | {
         "train": {k: v for k, v in settings["train"].items()
                   if k not in ("threads", "keep_resume_checkpoints", "keep_snapshots", "log_every_steps", "device")}}
