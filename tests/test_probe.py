@@ -340,3 +340,49 @@ def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
     log = second.stdout + second.stderr
     assert is_complete_probe_file(damaged), log
     assert "rule probe:" in log and "rule train:" not in log and "rule data:" not in log, log
+
+
+@pytest.mark.slow
+def test_workflow_frees_each_snapshot_once_probed_and_keeps_the_final_one(micro_data, tmp_path):
+    """Segments train the cell, each snapshot is a temp() output deleted once its probe file is complete."""
+    cfg = micro_config()
+    cfg["grid"]["modes"] = ["learned", "none"]
+    cfg["cell_overrides"] = {"tiny/none/muon/seed0": {"train": {"keep_snapshots": [512]}}}
+    configfile = write_config(tmp_path / "micro.yaml", cfg)
+    shutil.copytree(micro_data, tmp_path / "results" / "data")
+    runs = {mode: tmp_path / "results" / "runs" / "tiny" / mode / "muon" / "seed0" for mode in ("learned", "none")}
+    marks = [0, 512, 1024, 1536, 2048]
+    targets = [str(run.relative_to(tmp_path) / "probe" / f"{t}.h5") for run in runs.values() for t in marks]
+    first = run_snakemake(tmp_path, configfile, *targets)
+    log = first.stdout + first.stderr
+    assert "rule segment:" in log and "rule data:" not in log
+    for mode, run in runs.items():
+        assert all(is_complete_probe_file(run / "probe" / f"{t}.h5") for t in marks), mode
+        kept = sorted(int(p.stem) for p in (run / "snapshots").glob("*.pt"))
+        assert kept == ([2048] if mode == "learned" else [512, 2048]), mode
+        assert not list((run / "snapshots" / "temp").glob("*.pt")), "every freed snapshot is gone"
+        manifest = json.loads((run / "train.json").read_text())
+        assert sorted(map(int, manifest["snapshots"])) == kept
+        assert sorted(map(int, manifest["freed_snapshots"])) == sorted(set(marks) - set(kept))
+    # the segments, resumed one from the next, train exactly the weights of one uninterrupted run
+    settings = qconfig.cell_settings(qconfig.load(cfg), qconfig.Cell.parse("tiny/learned/muon/seed0"))
+    from qkrank.train import train_cell
+
+    whole = tmp_path / "whole"
+    train_cell(settings, micro_data, whole)
+    segmented = checkpoint.safe_load(runs["learned"] / "snapshots" / "2048.pt")["model"]
+    reference = checkpoint.safe_load(whole / "snapshots" / "2048.pt")["model"]
+    assert all(torch.equal(segmented[k], reference[k]) for k in reference)
+    with h5py.File(runs["learned"] / "probe" / "1024.h5") as a, h5py.File(runs["none"] / "probe" / "1024.h5") as b:
+        assert a.attrs["tokens_seen"] == b.attrs["tokens_seen"] == 1024
+
+    second = run_snakemake(tmp_path, configfile, *targets)
+    assert "Nothing to be done" in second.stdout + second.stderr
+    forced = run_snakemake(tmp_path, configfile, *targets, "--forcerun", targets[1], check=False)
+    message = forced.stdout + forced.stderr
+    assert forced.returncode != 0
+    assert "the snapshot at 512 tokens was deleted once its probe file was complete" in message
+    assert f"delete {targets[1].rsplit('/probe/', 1)[0]}" in message and "keep_snapshots" in message
+    # a kept snapshot is re-probed from disk, without training
+    kept = run_snakemake(tmp_path, configfile, *targets, "--forcerun", targets[6])
+    assert "rule probe:" in kept.stderr + kept.stdout and "rule segment:" not in kept.stderr + kept.stdout

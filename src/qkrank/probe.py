@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from qkrank import __version__, checkpoint, runtime
+from qkrank import __version__, checkpoint, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards, sha256_file
@@ -79,21 +78,17 @@ def saves_activations(choice, cfg: ModelConfig, n_tokens: int) -> bool:
 
 
 def load_snapshot(run_dir: Path, tokens: int) -> dict:
-    """A snapshot verified against the run manifest's sha256 (a corrupt file is never trusted)."""
-    manifest_path = run_dir / "train.json"
-    if not manifest_path.exists():
-        raise ProbeError(f"{manifest_path} is missing: the cell has not finished training")
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest["snapshots"].get(str(tokens))
-    if entry is None:
+    """A snapshot verified against the sha256 its training recorded (a corrupt file is never trusted)."""
+    run_dir = Path(run_dir)
+    try:
+        path, sha = snapshots.locate(run_dir, tokens)
+    except snapshots.SnapshotError as e:
+        raise ProbeError(str(e)) from None
+    if not path.exists() or sha256_file(path) != sha:
         raise ProbeError(
-            f"{manifest_path}: no snapshot at {tokens} tokens; have {sorted(map(int, manifest['snapshots']))}"
-        )
-    path = run_dir / entry["path"]
-    if not path.exists() or sha256_file(path) != entry["sha256"]:
-        raise ProbeError(
-            f"{path}: missing or its sha256 differs from {manifest_path}; the snapshot is corrupt — "
-            f"delete {manifest_path} and rerun the workflow to retrain this cell"
+            f"{path}: missing or its sha256 differs from the one training recorded ({run_dir / 'train.json'} or "
+            f"{snapshots.stamp_path(run_dir, tokens)}); the snapshot is corrupt — delete {run_dir} and rerun "
+            f"the workflow to retrain this cell"
         )
     return checkpoint.safe_load(path)
 

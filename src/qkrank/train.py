@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from qkrank import checkpoint, runtime
+from qkrank import checkpoint, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_write_text
-from qkrank.data import DataError, TokenShards, sha256_file
+from qkrank.data import DataError, TokenShards
 from qkrank.metrics import Progress, write_csv
 from qkrank.model import GPT, ModelConfig
 from qkrank.optim import build_optimizers, lr_factor, set_lr
@@ -137,17 +137,23 @@ def _same_on_all_ranks(value: int, rt: runtime.Runtime) -> bool:
     return both[0].item() == -both[1].item()
 
 
-def train_cell(settings: dict, data_dir: Path, run_dir: Path) -> dict:
-    """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``."""
+def train_cell(settings: dict, data_dir: Path, run_dir: Path, until: int | None = None) -> dict:
+    """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``.
+
+    ``until``: train one segment, up to that snapshot point, and write only its snapshot (qkrank.snapshots:
+    what the workflow does, so each snapshot can be probed, and freed, while training goes on).
+    """
     rt = runtime.init(settings["train"], settings["resources"]["train"]["cpus"])
     with StopSignal() as stop:
-        return _train(settings, Path(data_dir), Path(run_dir), rt, stop)
+        return _train(settings, Path(data_dir), Path(run_dir), rt, stop, until)
 
 
-def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: StopSignal) -> dict:
+def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: StopSignal,
+           until: int | None = None) -> dict:
     train_cfg, cell, seed = settings["train"], settings["cell"], settings["cell"]["seed"]
-    snap_dir, resume_dir = run_dir / "snapshots", run_dir / "resume"
+    resume_dir = run_dir / "resume"
     cfg_hash = qconfig.config_hash(qconfig.training_identity(settings))
+    stop_at = snapshots.check_segment(settings, until)
     seq_len, micro, accum = train_cfg["seq_len"], train_cfg["micro_batch"], train_cfg["grad_accum"]
     if micro % rt.world_size:
         raise qconfig.ConfigError(f"config field 'scales.{cell['scale']}.train.micro_batch': {micro} is not "
@@ -176,6 +182,11 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
     if not _same_on_all_ranks(tokens_seen, rt):
         raise checkpoint.CheckpointError(f"{resume_dir}: processes found different resume points; is the "
                                          f"run directory on a file system all of them see alike?")
+    if tokens_seen > stop_at:
+        raise checkpoint.CheckpointError(f"{resumed_from}: resume state at {tokens_seen:,} tokens is past this "
+                                         f"segment's end ({stop_at:,}); delete {resume_dir} to retrain the cell")
+    # A segment writes its own end's snapshot only; a whole run (until None) every snapshot it passes.
+    written_marks = {stop_at} if until is not None else snapshot_marks
 
     train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.world_size > 1 else model
@@ -191,9 +202,11 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
             return
         meta = {"tokens_seen": tokens_seen, "step": step, "config_hash": cfg_hash, "cell": cell,
                 "model_config": model.cfg.to_dict(), "data_hash": shards.content_hash}
-        if tokens_seen in snapshot_marks:
-            checkpoint.atomic_save({"model": model.state_dict(), "val_loss": val_loss, **meta},
-                                   snap_dir / f"{tokens_seen}.pt")
+        if tokens_seen in written_marks:
+            path = snapshots.snapshot_path(run_dir, tokens_seen, settings, segment=until is not None)
+            checkpoint.atomic_save({"model": model.state_dict(), "val_loss": val_loss, **meta}, path)
+            if until is not None:
+                snapshots.finish_segment(run_dir, tokens_seen, step, path, settings)
         resume_meta = {**meta, "wall_s": wall_before + time.perf_counter() - t_start,
                        # Batches are a pure function of (seed, step): the next step index is the data position.
                        "data_position": {"seed": seed, "next_step": step, "rows_per_step": micro * accum},
@@ -212,7 +225,7 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
 
     nan_step, kill_step = _env_step(FAULT_NAN_AT_STEP), _env_step(FAULT_KILL_AT_STEP)
     model.train()
-    while tokens_seen < total_tokens:
+    while tokens_seen < stop_at:
         t0 = time.perf_counter()
         starts = batch_starts(seed, step, n_windows, micro * accum).reshape(accum, micro)
         local_loss = _forward_backward(forward, train_model, shards, starts, rt, seq_len)
@@ -252,7 +265,7 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
             save(val_loss)
         if step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if stop_requested and tokens_seen < total_tokens:
+        if stop_requested and tokens_seen < stop_at:
             if tokens_seen not in snapshot_marks:
                 save(val_loss)
             runtime.barrier(rt)
@@ -260,15 +273,18 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
             raise Preempted(f"{cell['id']}: stop signal received; resume checkpoint written at {tokens_seen:,} "
                             f"tokens (step {step}) in {resume_dir}")
     progress.close()
+    if stop_at < total_tokens:  # a segment: the next one resumes from the resume state just written
+        runtime.barrier(rt)
+        return {}
 
     manifest = {}
     if rt.is_main:
         write_csv(rows, run_dir / "metrics.csv")
-        snapshots = {str(t): {"path": f"snapshots/{t}.pt", "sha256": sha256_file(snap_dir / f"{t}.pt")}
-                     for t in sorted(snapshot_marks)}
+        kept, freed = snapshots.manifest_entries(run_dir, settings)
         manifest = {"cell": cell, "config_hash": cfg_hash, "data_hash": shards.content_hash,
                     "tokens_seen": tokens_seen, "steps": step, "tokens_per_step": step_tokens,
-                    "snapshots": snapshots, "n_params": model.num_params(), "runtime": rt.describe()}
+                    "snapshots": kept, "freed_snapshots": freed, "n_params": model.num_params(),
+                    "runtime": rt.describe()}
         atomic_write_text(run_dir / "train.json", json.dumps(manifest, indent=2) + "\n")
         # Done: a forced rerun must retrain from zero, not resume the finished state.
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -300,16 +316,19 @@ def main(argv=None) -> None:
     add_settings_args(parser)
     parser.add_argument("--data", required=True, type=Path, help="prepared data directory (manifest.json)")
     parser.add_argument("--out", required=True, type=Path, help="the cell's run directory")
+    parser.add_argument("--until", type=int, help="train one segment: up to this snapshot point (tokens), write "
+                                                  "its snapshot and segments/{tokens}.json, and stop")
     args = parser.parse_args(argv)
     if not args.settings and not args.cell:
         parser.error("give --cell (with --config) or --settings")
     try:
         settings = settings_from_args(args)
-        train_cell(settings, args.data, args.out)
+        train_cell(settings, args.data, args.out, args.until)
     except Preempted as e:
         print(f"qkrank.train: {e}; exiting {EXIT_PREEMPTED} so the job is run again", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
-    except (qconfig.ConfigError, checkpoint.CheckpointError, DataError, TrainingDiverged) as e:
+    except (qconfig.ConfigError, checkpoint.CheckpointError, snapshots.SnapshotError, DataError,
+            TrainingDiverged) as e:
         sys.exit(f"qkrank.train: error: {e}")
     finally:
         runtime.shutdown()
