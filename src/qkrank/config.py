@@ -227,6 +227,14 @@ def load(source: str | Path | dict | None = None) -> dict:
         if scale not in config["scales"]:
             raise ConfigError(f"config field 'grid.scales': unknown scale {scale!r}; "
                               f"defined under 'scales': {sorted(config['scales'])}")
+    marks_from, marks = config["aggregate"]["marks_from"], config["aggregate"]["marks_tokens"]
+    if marks_from and len(marks_from) != len(marks):
+        raise ConfigError(f"config field 'aggregate.marks_from': {len(marks_from)} entries for {len(marks)} "
+                          f"marks_tokens; give one scale per mark, or none")
+    for i, scale in enumerate(marks_from):
+        if scale not in config["grid"]["scales"]:
+            raise ConfigError(f"config field 'aggregate.marks_from[{i}]': {scale!r} is not a scale of the grid; "
+                              f"valid values: {config['grid']['scales']}")
     valid_ids = {c.id for c in cells(config)}
     for cell_id in config["cell_overrides"]:
         if cell_id not in valid_ids:
