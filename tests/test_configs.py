@@ -201,3 +201,42 @@ def test_gpu_hours_of_the_seed004_study():
     assert rows[0]["gpu_hours"] == pytest.approx(3 * 6 * n_params * 49_152_000 / (0.4 * 989e12) / 3600)
     table = gpu_hours.markdown_table(rows, 0.4)
     assert "| 1.5b |" in table and "40% MFU" in table
+
+
+def test_planner_disk_of_the_seed004_study_by_hand():
+    import torch
+
+    from qkrank.model import GPT, ModelConfig
+    from qkrank.optim import split_parameters
+
+    with torch.device("meta"):
+        model = GPT(ModelConfig.from_preset("1.5b"))
+    n = sum(p.numel() for p in model.parameters())
+    hidden = sum(p.numel() for _, p in split_parameters(model, "muon")["muon"])
+    config = load("seed004_1p5b")
+    (row,) = gpu_hours.study_rows(config, mfu=0.4)
+    resume = 4 * n + 4 * hidden + 8 * (n - hidden)  # weights, Muon momentum, AdamW's two moments
+    assert (row["snapshot_bytes"], row["resume_bytes"]) == (4 * n, resume)
+    probes = row["final_bytes"] - 4 * n
+    assert 0 < probes < 0.05 * 4 * n  # 26 probe files of spectra are small next to one snapshot
+    # keep_resume_checkpoints 1 (+ the one being written) resume states, two freed snapshots in flight
+    assert row["peak_bytes"] == 2 * resume + 2 * 4 * n + probes
+    totals = gpu_hours.study_totals([row])
+    assert totals["keep_all_bytes"] == 3 * (26 * 4 * n + probes)
+    assert totals["keep_all_bytes"] > 480e9 and totals["snapshots_one_at_a_time_bytes"] < 26e9
+    assert totals["final_bytes"] == 3 * (4 * n + probes)
+
+
+def test_planner_counts_kept_snapshots():
+    cfg = micro_config()
+    base = qconfig.load(cfg)
+    cell = qconfig.cells(base)[0]
+    plans = {}
+    for keep in ("final", [512], "all"):
+        cfg["scales"]["tiny"]["train"]["keep_snapshots"] = keep
+        plans[str(keep)] = gpu_hours.cell_plan(qconfig.cell_settings(qconfig.load(cfg), cell))
+    snap = plans["final"]["snapshot_bytes"]
+    assert [plans[k]["kept"] for k in ("final", "[512]", "all")] == [1, 2, 5]
+    assert plans["[512]"]["peak_bytes"] - plans["final"]["peak_bytes"] == snap
+    assert plans["all"]["final_bytes"] - plans["final"]["final_bytes"] == 4 * snap
+    assert plans["all"]["peak_snapshot_bytes"] == 5 * snap  # never more than the schedule's points
