@@ -58,7 +58,7 @@ rule segment:
     threads: cell_resource("train", "cpus")
     resources:
         **{name: cell_resource("train", key) for name, key in JOB_RESOURCES.items()},
-    # The cell's one training log (not a declared log: every segment appends to it).
+    # The cell's one training log (not a declared log: every segment, and the last, `train`, appends to it).
     shell:
         "mkdir -p $(dirname {params.log}) && PYTHONPATH={SRC} exec {params.launcher} -m qkrank.train"
         " --settings {input.settings} --data {DATA} --out {params.run_dir} --until {wildcards.tokens}"
@@ -77,15 +77,16 @@ rule train:
         launcher=train_launcher,
         run_dir=RUN,
         total=total_tokens,
-    log:
-        f"{RESULTS}/logs/train/{CELL_LOG}.log",
+        log=f"{RESULTS}/logs/train/{CELL_LOG}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{CELL_LOG}.tsv"
     threads: cell_resource("train", "cpus")
     resources:
         **{name: cell_resource("train", key) for name, key in JOB_RESOURCES.items()},
     # exec: SLURM's SIGTERM at the time limit must reach python (which checkpoints and exits 75), not a
-    # shell that dies and orphans it. >>: a resumed attempt's log follows the killed one's.
+    # shell that dies and orphans it. >>: a resumed attempt's log follows the killed one's, and the last
+    # segment's log its predecessors' (not a declared log: Snakemake would empty it before the job).
     shell:
-        "PYTHONPATH={SRC} exec {params.launcher} -m qkrank.train --settings {input.settings} --data {DATA}"
-        " --out {params.run_dir} --until {params.total} >> {log} 2>&1"
+        "mkdir -p $(dirname {params.log}) && PYTHONPATH={SRC} exec {params.launcher} -m qkrank.train"
+        " --settings {input.settings} --data {DATA} --out {params.run_dir} --until {params.total}"
+        " >> {params.log} 2>&1"
