@@ -134,9 +134,11 @@ def test_kill_during_training_probe_and_aggregation_then_rerun_reproduces_the_ru
     assert not (run / "train.json").exists(), "the kill came after training had finished"
     assert_no_bad_final_file(results)
 
-    # 2. during probing: the first probe file is there, not all of them
+    # 2. during probing: a new probe file is there, not all of them (a segment's snapshot is probed while the
+    # next segment trains, so the first may already exist)
     unlock(workdir)
-    run_until_then_kill(cmd, lambda: any((run / "probe").glob("*.h5")), tmp_path / "run2.log")
+    probed = set((run / "probe").glob("*.h5"))
+    run_until_then_kill(cmd, lambda: set((run / "probe").glob("*.h5")) - probed, tmp_path / "run2.log")
     assert len(list((run / "probe").glob("*.h5"))) < 3, "the kill came after every probe had finished"
     assert_no_bad_final_file(results)
 
