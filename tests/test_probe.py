@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -14,7 +15,7 @@ from conftest import micro_config, run_snakemake, write_config
 
 from qkrank import checkpoint
 from qkrank import config as qconfig
-from qkrank.data import TokenShards
+from qkrank.data import TokenShards, sha256_file
 from qkrank.model import GPT, PRESETS, SITES, TENSORS, ModelConfig
 from qkrank.probe import (
     SCHEMA_VERSION,
@@ -378,11 +379,40 @@ def test_workflow_frees_each_snapshot_once_probed_and_keeps_the_final_one(micro_
 
     second = run_snakemake(tmp_path, configfile, *targets)
     assert "Nothing to be done" in second.stdout + second.stderr
-    forced = run_snakemake(tmp_path, configfile, *targets, "--forcerun", targets[1], check=False)
-    message = forced.stdout + forced.stderr
-    assert forced.returncode != 0
-    assert "the snapshot at 512 tokens was deleted once its probe file was complete" in message
-    assert f"delete {targets[1].rsplit('/probe/', 1)[0]}" in message and "keep_snapshots" in message
+    # re-probing a freed snapshot fails, saying how to retrain the cell, and trains nothing by itself
+    for force in (targets[1], "probe"):
+        forced = run_snakemake(tmp_path, configfile, *targets, "--forcerun", force, check=False)
+        message = forced.stdout + forced.stderr
+        freed = "512" if force == targets[1] else r"\d+"  # the rule: whichever freed snapshot comes first
+        assert re.search(fr"the snapshot at {freed} tokens was deleted once its probe file was complete", message)
+        assert re.search(r"To retrain this cell: delete results/runs/tiny/\w+/muon/seed0 ", message), force
+        assert "rule segment:" not in message and "rule train:" not in message, force
+        assert is_complete_probe_file(tmp_path / targets[1]), "the probe file asked for again is left as it was"
+    assert forced.returncode == 0 or "Nothing to be done" not in message
     # a kept snapshot is re-probed from disk, without training
     kept = run_snakemake(tmp_path, configfile, *targets, "--forcerun", targets[6])
     assert "rule probe:" in kept.stderr + kept.stdout and "rule segment:" not in kept.stderr + kept.stdout
+
+
+def test_a_segment_resumed_at_its_own_end_writes_its_snapshot_again(micro_data, tmp_path):
+    """A kill after a segment's resume checkpoint but before Snakemake saw it finish: the rerun, which
+    Snakemake starts after deleting the segment's outputs, must write the same snapshot and record again."""
+    from qkrank import snapshots
+    from qkrank.train import train_cell
+
+    cfg = qconfig.load(micro_config())
+    settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
+    run = tmp_path / "run"
+    for tokens in (0, 512):
+        train_cell(settings, micro_data, run, until=tokens)
+    first = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    record = json.loads(snapshots.stamp_path(run, 512).read_text())
+    snapshots.temp_path(run, 512).unlink()
+    snapshots.stamp_path(run, 512).unlink()
+    train_cell(settings, micro_data, run, until=512)
+    again = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
+    assert again["val_loss"] == first["val_loss"] and again["step"] == first["step"] == 2
+    rewritten = json.loads(snapshots.stamp_path(run, 512).read_text())
+    assert {k: v for k, v in rewritten.items() if k != "sha256"} == {k: v for k, v in record.items() if k != "sha256"}
+    assert rewritten["sha256"] == sha256_file(snapshots.temp_path(run, 512))  # the record matches the new file

@@ -9,8 +9,9 @@ each snapshot can be probed while training goes on. A segment writes:
 - ``segments/{T}.json``: tokens, step, sha256 and path of the snapshot: what its probe verifies, and the
   input of the next segment (so segments run in order). It stays when the snapshot is freed.
 
-A freed snapshot comes back only by retraining the cell; the workflow says so (``freed_message``) when a
-probe of a finished cell must run again without its snapshot, instead of retraining silently.
+A freed snapshot comes back only by retraining the cell; when a probe of a finished cell must run again
+without its snapshot, the workflow stops with ``freed_message`` (how to retrain) instead of retraining the
+cell silently, and a probe job that gets there anyway fails with it.
 """
 
 from __future__ import annotations

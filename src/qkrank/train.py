@@ -222,6 +222,9 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
         val0 = validation_loss(model, val_windows, micro, rt)
         rows = [{"tokens_seen": 0, "step": 0, "val_loss": val0, "wall_s": 0.0}]
         save(val0)
+    elif tokens_seen == stop_at:  # resumed at its own end (killed after its checkpoint): write the snapshot again
+        last = rows[-1] if rows and rows[-1]["tokens_seen"] == tokens_seen else {}
+        save(last.get("val_loss"))
 
     nan_step, kill_step = _env_step(FAULT_NAN_AT_STEP), _env_step(FAULT_KILL_AT_STEP)
     model.train()

@@ -17,12 +17,21 @@ def snapshot_input(wildcards):
         return [record]
     temp = f"{run}/snapshots/temp/{tokens}.pt"
     probe_file = f"{run}/probe/{tokens}.h5"
-    # A finished cell whose probe must run again but whose snapshot was freed: say so, rather than let
-    # Snakemake silently retrain the cell segment by segment.
+    # A finished cell whose probe must run again but whose snapshot was freed: stop before any job runs (and
+    # before Snakemake deletes the probe file it was asked to redo), saying how to retrain the cell, where
+    # Snakemake would otherwise retrain it silently, segment by segment. Snakemake drops an input function's
+    # error when the file exists (`--forcerun probe`), hence the log line too.
     if (os.path.exists(manifest) and not os.path.exists(temp)
             and (not os.path.exists(probe_file) or probe_forced(probe_file))):
-        raise WorkflowError(qsnapshots.freed_message(Path(run), tokens, settings))
+        message = qsnapshots.freed_message(Path(run), tokens, settings)
+        if message not in FREED_REPORTED:
+            FREED_REPORTED.add(message)
+            logger.error(f"cannot re-probe: {message}")
+        raise WorkflowError(message)
     return [temp, record]
+
+
+FREED_REPORTED = set()
 
 
 rule probe:
