@@ -240,3 +240,17 @@ def test_planner_counts_kept_snapshots():
     assert plans["[512]"]["peak_bytes"] - plans["final"]["peak_bytes"] == snap
     assert plans["all"]["final_bytes"] - plans["final"]["final_bytes"] == 4 * snap
     assert plans["all"]["peak_snapshot_bytes"] == 5 * snap  # never more than the schedule's points
+
+
+def test_each_mark_comes_from_its_run():
+    import pandas as pd
+
+    from qkrank.aggregate import resolve_marks
+
+    rows = [{"scale": scale, "mode": "learned", "optimizer": "muon", "seed": 0, "tokens_seen": t}
+            for scale, total in (("88m_20m", 20), ("88m", 25)) for t in range(0, total + 1)]
+    marks = resolve_marks([4, 16, 25], pd.DataFrame(rows), ["88m_20m", "88m_20m", "88m"])
+    assert sorted(zip(marks.scale, marks.mark_tokens, marks.checkpoint_tokens, strict=True)) == [
+        ("88m", 25, 25), ("88m_20m", 4, 4), ("88m_20m", 16, 16)]
+    every = resolve_marks([4, 16, 25], pd.DataFrame(rows))  # without marks_from: every run at every mark
+    assert len(every) == 6 and set(every[every.scale == "88m_20m"].checkpoint_tokens) == {4, 16, 20}
