@@ -97,15 +97,33 @@ def test_a_multi_process_cell_launches_with_torchrun_in_one_job(dry_runs):
 
 def test_seed000_matches_the_seed():
     config = load("seed000_88m")
-    assert config["grid"] == {"scales": ["88m"], "modes": ["learned", "none"], "optimizers": ["muon"], "seeds": [0]}
+    assert config["grid"] == {"scales": ["88m_20m", "88m"], "modes": ["learned", "none"], "optimizers": ["muon"],
+                              "seeds": [0]}
     assert config["data"]["hf"]["sources"][0]["path"] == "HuggingFaceFW/fineweb-edu"
-    s = settings(config, "88m/learned/muon/seed0")
-    marks = qconfig.checkpoint_tokens(s)
-    assert abs(s["train"]["total_tokens"] - 25 * M) < 0.01 * 25 * M
-    assert abs(s["train"]["checkpoint_every_tokens"] - M) < 0.01 * M  # probe every ≈1M tokens
-    for mark in (4 * M, 16 * M, 25 * M):  # the seed's PR marks are snapshots, within 1%
-        assert min(abs(t - mark) for t in marks) < 0.01 * mark
-    assert sorted(config["aggregate"]["marks_tokens"]) == [4 * M, 16 * M, 25 * M]
+    # Two experiments, as in the seed: ~20M tokens (marks 4M and 16M) and 25M tokens (mark 25M).
+    runs = {scale: settings(config, f"{scale}/learned/muon/seed0") for scale in ("88m_20m", "88m")}
+    assert abs(runs["88m"]["train"]["total_tokens"] - 25 * M) < 0.01 * 25 * M
+    assert abs(runs["88m_20m"]["train"]["total_tokens"] - 20 * M) < 0.01 * 20 * M
+    for s in runs.values():
+        assert abs(s["train"]["checkpoint_every_tokens"] - M) < 0.01 * M  # probe every ≈1M tokens
+        assert s["train"]["keep_snapshots"] == "final"
+        # identical but for the run's length (and so its schedule)
+        assert qconfig.training_identity(s)["model"] == qconfig.training_identity(runs["88m"])["model"]
+        assert s["optim"] == runs["88m"]["optim"] and s["probe"] == runs["88m"]["probe"]
+    marks, sources = config["aggregate"]["marks_tokens"], config["aggregate"]["marks_from"]
+    assert dict(zip(marks, sources, strict=True)) == {4 * M: "88m_20m", 16 * M: "88m_20m", 25 * M: "88m"}
+    for mark, scale in zip(marks, sources, strict=True):  # each mark is a snapshot of its run, within 1%
+        assert min(abs(t - mark) for t in qconfig.checkpoint_tokens(runs[scale])) < 0.01 * mark
+
+
+def test_marks_from_names_one_grid_scale_per_mark():
+    cfg = micro_config()
+    cfg["aggregate"]["marks_from"] = ["tiny"]
+    with pytest.raises(qconfig.ConfigError, match=r"'aggregate\.marks_from': 1 entries for 2 marks_tokens"):
+        qconfig.load(cfg)
+    cfg["aggregate"]["marks_from"] = ["tiny", "88m"]
+    with pytest.raises(qconfig.ConfigError, match=r"'aggregate\.marks_from\[1\]': '88m' is not a scale"):
+        qconfig.load(cfg)
 
 
 def test_seed004_matches_the_seed():
@@ -120,6 +138,7 @@ def test_seed004_matches_the_seed():
     # "Every 120 steps, ≈ 2M tokens" are micro-steps of 8 × 2048 tokens, and there are 26 points incl. 0.
     assert train["checkpoint_every_tokens"] == 120 * 8 * 2048
     assert len(qconfig.checkpoint_tokens(s)) == 26
+    assert train["keep_snapshots"] == "final"
     assert abs(train["total_tokens"] - 49 * M) < 0.01 * 49 * M
     assert config["data"]["train_tokens"] == 1000 * M  # the seed's 1B-token subset
 
@@ -132,8 +151,18 @@ def test_next_steps_grid():
     for cell in qconfig.cells(config):
         s = qconfig.cell_settings(config, cell)
         assert abs(s["train"]["total_tokens"] - 250 * M) < 0.01 * 250 * M
-        if cell.optimizer == "adamw":  # the baseline's own learning rate reaches every AdamW cell
-            assert s["optim"]["adamw"]["lr"] < config["scales"][cell.scale]["optim"]["adamw"]["lr"]
+        # The collapse (seed 004: 7.9-9.8M tokens) is resolved: at least 8 probe points in the first 16M.
+        marks = qconfig.checkpoint_tokens(s)
+        assert sum(1 for t in marks if 0 < t <= 16 * M) >= 8, cell.id
+        assert sum(1 for t in marks if 7 * M <= t <= 10 * M) >= 2, cell.id
+        assert s["train"]["keep_snapshots"] == "final"
+    # The AdamW baseline changes only the hidden matrices' optimizer: everything else AdamW trains has the
+    # same settings in the muon and adamw cells of a scale, and the hidden matrices get their own rate.
+    for scale in grid["scales"]:
+        muon, adamw = (settings(config, f"{scale}/learned/{o}/seed0")["optim"] for o in ("muon", "adamw"))
+        assert muon["adamw"] == adamw["adamw"] and muon["schedule"] == adamw["schedule"]
+        assert adamw["adamw_hidden"]["lr"] < adamw["adamw"]["lr"]
+    assert not config["cell_overrides"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -173,3 +202,56 @@ def test_gpu_hours_of_the_seed004_study():
     assert rows[0]["gpu_hours"] == pytest.approx(3 * 6 * n_params * 49_152_000 / (0.4 * 989e12) / 3600)
     table = gpu_hours.markdown_table(rows, 0.4)
     assert "| 1.5b |" in table and "40% MFU" in table
+
+
+def test_planner_disk_of_the_seed004_study_by_hand():
+    import torch
+
+    from qkrank.model import GPT, ModelConfig
+    from qkrank.optim import split_parameters
+
+    with torch.device("meta"):
+        model = GPT(ModelConfig.from_preset("1.5b"))
+    n = sum(p.numel() for p in model.parameters())
+    hidden = sum(p.numel() for _, p in split_parameters(model, "muon")["muon"])
+    config = load("seed004_1p5b")
+    (row,) = gpu_hours.study_rows(config, mfu=0.4)
+    resume = 4 * n + 4 * hidden + 8 * (n - hidden)  # weights, Muon momentum, AdamW's two moments
+    assert (row["snapshot_bytes"], row["resume_bytes"]) == (4 * n, resume)
+    probes = row["final_bytes"] - 4 * n
+    assert 0 < probes < 0.05 * 4 * n  # 26 probe files of spectra are small next to one snapshot
+    # keep_resume_checkpoints 1 (+ the one being written) resume states, two freed snapshots in flight
+    assert row["peak_bytes"] == 2 * resume + 2 * 4 * n + probes
+    totals = gpu_hours.study_totals([row])
+    assert totals["keep_all_bytes"] == 3 * (26 * 4 * n + probes)
+    assert totals["keep_all_bytes"] > 480e9 and totals["snapshots_one_at_a_time_bytes"] < 26e9
+    assert totals["final_bytes"] == 3 * (4 * n + probes)
+
+
+def test_planner_counts_kept_snapshots():
+    cfg = micro_config()
+    base = qconfig.load(cfg)
+    cell = qconfig.cells(base)[0]
+    plans = {}
+    for keep in ("final", [512], "all"):
+        cfg["scales"]["tiny"]["train"]["keep_snapshots"] = keep
+        plans[str(keep)] = gpu_hours.cell_plan(qconfig.cell_settings(qconfig.load(cfg), cell))
+    snap = plans["final"]["snapshot_bytes"]
+    assert [plans[k]["kept"] for k in ("final", "[512]", "all")] == [1, 2, 5]
+    assert plans["[512]"]["peak_bytes"] - plans["final"]["peak_bytes"] == snap
+    assert plans["all"]["final_bytes"] - plans["final"]["final_bytes"] == 4 * snap
+    assert plans["all"]["peak_snapshot_bytes"] == 5 * snap  # never more than the schedule's points
+
+
+def test_each_mark_comes_from_its_run():
+    import pandas as pd
+
+    from qkrank.aggregate import resolve_marks
+
+    rows = [{"scale": scale, "mode": "learned", "optimizer": "muon", "seed": 0, "tokens_seen": t}
+            for scale, total in (("88m_20m", 20), ("88m", 25)) for t in range(0, total + 1)]
+    marks = resolve_marks([4, 16, 25], pd.DataFrame(rows), ["88m_20m", "88m_20m", "88m"])
+    assert sorted(zip(marks.scale, marks.mark_tokens, marks.checkpoint_tokens, strict=True)) == [
+        ("88m", 25, 25), ("88m_20m", 4, 4), ("88m_20m", 16, 16)]
+    every = resolve_marks([4, 16, 25], pd.DataFrame(rows))  # without marks_from: every run at every mark
+    assert len(every) == 6 and set(every[every.scale == "88m_20m"].checkpoint_tokens) == {4, 16, 20}

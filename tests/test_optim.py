@@ -118,3 +118,52 @@ def test_lr_factor_warmup_then_decay_to_floor():
         pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(middle, total, {"warmup_tokens": warmup, "decay": "cosine", "min_lr_ratio": 0.0}) == \
         pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def _groups_without_params(opt: torch.optim.Optimizer, names: dict[int, str]) -> list[dict]:
+    """Each param group's settings and parameter names (the schedule's lr factor aside)."""
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": sorted(names[id(p)] for p in g["params"])}
+            for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("mode", NORM_MODES)
+def test_adamw_cells_change_only_the_hidden_matrices_optimizer(mode):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", n_layers=2, vocab_size=64, norm_mode=mode))
+    names = {id(p): n for n, p in model.named_parameters()}
+    settings = optim_settings(adamw={"lr": 0.003, "weight_decay": 0.05, "beta2": 0.97})
+    settings["adamw_hidden"] = {"lr": 6e-4, "weight_decay": 0.1}
+    muon = build_optimizers(model, "muon", settings)
+    adamw = build_optimizers(model, "adamw", settings)
+    shared = _groups_without_params(muon["adamw"], names)
+    groups = _groups_without_params(adamw["adamw"], names)
+    # The groups AdamW holds in a muon cell (embeddings, head, γ, 1-D) are the first groups of the adamw
+    # cell's AdamW, identical in every setting and every parameter.
+    assert groups[:len(shared)] == shared
+    assert {g["lr"] for g in shared} == {0.003} and {g["betas"] for g in shared} == {(0.9, 0.97)}
+    hidden = groups[len(shared):]
+    assert [g["params"] for g in hidden] == [sorted(n for n, _ in split_parameters(model, "muon")["muon"])]
+    assert (hidden[0]["lr"], hidden[0]["weight_decay"], hidden[0]["betas"], hidden[0]["eps"]) == \
+        (6e-4, 0.1, (0.9, 0.97), 1e-8)  # unset keys of adamw_hidden fall back to optim.adamw
+    # The schedule scales every group by the same factor; the logged AdamW lr is the shared groups'.
+    assert set_lr(adamw, 0.5) == {"adamw": 0.0015} and hidden[0]["lr"] == 6e-4
+    assert adamw["adamw"].param_groups[-1]["lr"] == pytest.approx(3e-4)
+
+
+def test_without_adamw_hidden_an_adamw_cell_trains_everything_at_the_adamw_settings():
+    model = GPT(ModelConfig.from_preset("tiny", n_layers=1, vocab_size=64))
+    opt = build_optimizers(model, "adamw", optim_settings(adamw={"lr": 0.002}))["adamw"]
+    assert {g["lr"] for g in opt.param_groups} == {0.002}
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+def test_adamw_hidden_is_not_part_of_a_muon_cells_training_identity():
+    cfg = micro_config()
+    cfg["grid"]["optimizers"] = ["muon", "adamw"]
+    base = qconfig.load(cfg)
+    cfg["scales"]["tiny"]["optim"] = {"adamw_hidden": {"lr": 1e-4}}
+    changed = qconfig.load(cfg)
+    for cell in qconfig.cells(base):
+        same = qconfig.training_identity(qconfig.cell_settings(base, cell)) == \
+            qconfig.training_identity(qconfig.cell_settings(changed, cell))
+        assert same == (cell.optimizer == "muon"), cell.id

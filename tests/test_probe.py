@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -14,7 +15,7 @@ from conftest import micro_config, run_snakemake, write_config
 
 from qkrank import checkpoint
 from qkrank import config as qconfig
-from qkrank.data import TokenShards
+from qkrank.data import TokenShards, sha256_file
 from qkrank.model import GPT, PRESETS, SITES, TENSORS, ModelConfig
 from qkrank.probe import (
     SCHEMA_VERSION,
@@ -85,14 +86,21 @@ def test_every_dataset_is_present_with_its_shape(study, mode):
                 for tensor, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
                     for site in SITES:
                         group = f[f"layers/{layer}/{tensor}/{site}"]
-                        assert set(group) == {"sv", "eig_cov", "act", *METRICS}
+                        assert set(group) == {"sv", "eig_cov", "act", "pr_seq", "pr_seq_each", *METRICS}
+                        assert group["pr"].attrs["n"] == n_tokens == f.attrs["pr_n"]
+                        assert group["pr_seq"].attrs["n"] == settings["train"]["seq_len"] == f.attrs["pr_seq_n"]
+                        assert group["pr_seq_each"].shape == (settings["probe"]["n_sequences"], heads)
                         for name in ("sv", "eig_cov"):
                             values = group[name][()]
                             assert values.shape == (heads, cfg.head_dim) and values.dtype == np.float64
                             assert np.all(np.diff(values, axis=1) <= 0), f"{name} must be descending"
                         for metric in METRICS:
                             assert group[metric].shape == (heads,) and group[metric].dtype == np.float64
-                        act = group["act"]
+                    weight = f[f"layers/{layer}/{tensor}/weight"]
+                    assert set(weight) == {"sv", "eig_cov", *METRICS} and weight.attrs["n"] == cfg.d_model
+                    assert weight["sv"].shape == (heads, cfg.head_dim) and weight["pr"].shape == (heads,)
+                    for site in SITES:
+                        act = f[f"layers/{layer}/{tensor}/{site}/act"]
                         assert act.shape == (heads, n_tokens, cfg.head_dim) and act.dtype == np.float16
                         assert act.compression == "gzip"
                 gammas = {t: f.get(f"layers/{layer}/gamma_{t}") for t in TENSORS}
@@ -144,6 +152,47 @@ def test_pr_recomputed_from_act_with_numpy_svd_equals_stored_pr(study):
                             # In practice rounding errors average out: each σ moves by uᵢᵀEvᵢ, a sum of n·d
                             # independent errors, ~2⁻¹¹/√(3n) ≈ 2e-5 relative at n = 256; 1e-4 is 5× above that.
                             assert recomputed == pytest.approx(stored[head], rel=1e-4)
+
+
+def test_per_sequence_pr_is_the_mean_of_each_sequences_numpy_pr(study, micro_data):
+    settings, run = study["learned"]
+    model = _model(run, 2048)
+    windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+    with torch.no_grad(), model.capture() as captured:
+        model(torch.from_numpy(windows))
+    with h5py.File(run / "probe" / "2048.h5") as f:
+        for layer in range(model.cfg.n_layers):
+            for tensor in TENSORS:
+                for site in SITES:
+                    value = captured[f"layer.{layer}/{tensor}/{site}"].double().numpy()  # (B, heads, T, d)
+                    each = np.array([[pr(np.linalg.svd(value[b, h], compute_uv=False)) for h in range(value.shape[1])]
+                                     for b in range(value.shape[0])])
+                    group = f[f"layers/{layer}/{tensor}/{site}"]
+                    np.testing.assert_allclose(group["pr_seq_each"][()], each, rtol=1e-9)
+                    np.testing.assert_allclose(group["pr_seq"][()], each.mean(0), rtol=1e-9)
+                    # n = 64 vectors per sequence against n = 256 pooled: the per-sequence PR is the smaller
+                    assert np.all(group["pr_seq"][()] < group["pr"][()])
+
+
+def test_weight_spectra_are_numpy_svds_of_each_heads_projection_block(study):
+    for mode in ("learned", "none"):
+        _, run = study[mode]
+        for tokens in (0, 2048):
+            model = _model(run, tokens)
+            hd = model.cfg.head_dim
+            with h5py.File(run / "probe" / f"{tokens}.h5") as f:
+                for layer, block in enumerate(model.blocks):
+                    for tensor, weight in (("q", block.attn.q_proj.weight), ("k", block.attn.k_proj.weight)):
+                        w = weight.detach().double().numpy()
+                        group = f[f"layers/{layer}/{tensor}/weight"]
+                        for head in range(w.shape[0] // hd):
+                            block_h = w[head * hd:(head + 1) * hd]  # (d, d_model)
+                            sv = np.linalg.svd(block_h, compute_uv=False)
+                            cols = block_h.T - block_h.T.mean(0)
+                            eig = np.sort(np.linalg.eigvalsh(cols.T @ cols / (len(cols) - 1)))[::-1]
+                            np.testing.assert_allclose(group["sv"][head], sv, rtol=1e-9)
+                            np.testing.assert_allclose(group["eig_cov"][head], eig, rtol=1e-8, atol=1e-15)
+                            assert group["pr"][head] == pytest.approx(pr(sv), rel=1e-9)
 
 
 def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_data):
@@ -279,11 +328,12 @@ def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
     cfg["scales"]["tiny"]["train"].update(total_tokens=1024, checkpoint_every_tokens=512)
+    cfg["scales"]["tiny"]["train"]["keep_snapshots"] = "all"  # re-probing needs the snapshot (or retraining)
     configfile = write_config(tmp_path / "micro.yaml", cfg)
     shutil.copytree(micro_data, tmp_path / "results" / "data")  # same data section: saves tokenizer training
     target = "results/runs/tiny/learned/muon/seed0/probe/512.h5"
     first = run_snakemake(tmp_path, configfile, target)
-    assert "rule train:" in first.stderr and "rule data:" not in first.stderr
+    assert "rule segment:" in first.stderr and "rule data:" not in first.stderr
     damaged = tmp_path / target
     with open(damaged, "r+b") as f:
         f.truncate(damaged.stat().st_size // 2)
@@ -291,4 +341,80 @@ def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
     second = run_snakemake(tmp_path, configfile, target)
     log = second.stdout + second.stderr
     assert is_complete_probe_file(damaged), log
-    assert "rule probe:" in log and "rule train:" not in log and "rule data:" not in log, log
+    assert "rule probe:" in log and "rule segment:" not in log and "rule data:" not in log, log
+
+
+@pytest.mark.slow
+def test_workflow_frees_each_snapshot_once_probed_and_keeps_the_final_one(micro_data, tmp_path):
+    """Segments train the cell, each snapshot is a temp() output deleted once its probe file is complete."""
+    cfg = micro_config()
+    cfg["grid"]["modes"] = ["learned", "none"]
+    cfg["cell_overrides"] = {"tiny/none/muon/seed0": {"train": {"keep_snapshots": [512]}}}
+    configfile = write_config(tmp_path / "micro.yaml", cfg)
+    shutil.copytree(micro_data, tmp_path / "results" / "data")
+    runs = {mode: tmp_path / "results" / "runs" / "tiny" / mode / "muon" / "seed0" for mode in ("learned", "none")}
+    marks = [0, 512, 1024, 1536, 2048]
+    targets = [str(run.relative_to(tmp_path) / "probe" / f"{t}.h5") for run in runs.values() for t in marks]
+    first = run_snakemake(tmp_path, configfile, *targets)
+    log = first.stdout + first.stderr
+    assert "rule segment:" in log and "rule data:" not in log
+    for mode, run in runs.items():
+        assert all(is_complete_probe_file(run / "probe" / f"{t}.h5") for t in marks), mode
+        kept = sorted(int(p.stem) for p in (run / "snapshots").glob("*.pt"))
+        assert kept == ([2048] if mode == "learned" else [512, 2048]), mode
+        assert not list((run / "snapshots" / "temp").glob("*.pt")), "every freed snapshot is gone"
+        manifest = json.loads((run / "train.json").read_text())
+        assert sorted(map(int, manifest["snapshots"])) == kept
+        assert sorted(map(int, manifest["freed_snapshots"])) == sorted(set(marks) - set(kept))
+    # the segments, resumed one from the next, train exactly the weights of one uninterrupted run
+    settings = qconfig.cell_settings(qconfig.load(cfg), qconfig.Cell.parse("tiny/learned/muon/seed0"))
+    from qkrank.train import train_cell
+
+    whole = tmp_path / "whole"
+    train_cell(settings, micro_data, whole)
+    segmented = checkpoint.safe_load(runs["learned"] / "snapshots" / "2048.pt")["model"]
+    reference = checkpoint.safe_load(whole / "snapshots" / "2048.pt")["model"]
+    assert all(torch.equal(segmented[k], reference[k]) for k in reference)
+    with h5py.File(runs["learned"] / "probe" / "1024.h5") as a, h5py.File(runs["none"] / "probe" / "1024.h5") as b:
+        assert a.attrs["tokens_seen"] == b.attrs["tokens_seen"] == 1024
+
+    second = run_snakemake(tmp_path, configfile, *targets)
+    assert "Nothing to be done" in second.stdout + second.stderr
+    # re-probing a freed snapshot fails, saying how to retrain the cell, and trains nothing by itself
+    for force in (targets[1], "probe"):
+        forced = run_snakemake(tmp_path, configfile, *targets, "--forcerun", force, check=False)
+        message = forced.stdout + forced.stderr
+        freed = "512" if force == targets[1] else r"[\d,]+"  # the rule: whichever freed snapshot comes first
+        assert re.search(fr"the snapshot at {freed} tokens was deleted once its probe file was complete", message), \
+            message[-3000:]
+        assert re.search(r"To retrain this cell: delete results/runs/tiny/\w+/muon/seed0 ", message), force
+        assert "rule segment:" not in message and "rule train:" not in message, force
+        assert is_complete_probe_file(tmp_path / targets[1]), "the probe file asked for again is left as it was"
+    assert forced.returncode == 0 or "Nothing to be done" not in message
+    # a kept snapshot is re-probed from disk, without training
+    kept = run_snakemake(tmp_path, configfile, *targets, "--forcerun", targets[6])
+    assert "rule probe:" in kept.stderr + kept.stdout and "rule segment:" not in kept.stderr + kept.stdout
+
+
+def test_a_segment_resumed_at_its_own_end_writes_its_snapshot_again(micro_data, tmp_path):
+    """A kill after a segment's resume checkpoint but before Snakemake saw it finish: the rerun, which
+    Snakemake starts after deleting the segment's outputs, must write the same snapshot and record again."""
+    from qkrank import snapshots
+    from qkrank.train import train_cell
+
+    cfg = qconfig.load(micro_config())
+    settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
+    run = tmp_path / "run"
+    for tokens in (0, 512):
+        train_cell(settings, micro_data, run, until=tokens)
+    first = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    record = json.loads(snapshots.stamp_path(run, 512).read_text())
+    snapshots.temp_path(run, 512).unlink()
+    snapshots.stamp_path(run, 512).unlink()
+    train_cell(settings, micro_data, run, until=512)
+    again = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
+    assert again["val_loss"] == first["val_loss"] and again["step"] == first["step"] == 2
+    rewritten = json.loads(snapshots.stamp_path(run, 512).read_text())
+    assert {k: v for k, v in rewritten.items() if k != "sha256"} == {k: v for k, v in record.items() if k != "sha256"}
+    assert rewritten["sha256"] == sha256_file(snapshots.temp_path(run, 512))  # the record matches the new file

@@ -155,3 +155,32 @@ def test_metrics_work_per_head_on_the_last_axis():
     np.testing.assert_allclose(pr(sv), [3.0, 1.0])
     np.testing.assert_allclose(top_energy_share(sv, 0.34), [2 / 3, 1.0])  # ⌈0.34·3⌉ = 2 largest
     assert set(all_metrics(sv, sv**2)) == {"pr", "pr_cov", "erank", "stable_rank"}
+
+
+def test_per_sequence_pr_matches_numpy_on_each_sequence():
+    from qkrank.rank import per_sequence_pr
+
+    rng = np.random.default_rng(3)
+    heads, n_seq, seq_len, d = 3, 4, 40, 16
+    x = rng.standard_normal((heads, n_seq * seq_len, d)) * rng.uniform(0.1, 3, size=d)
+    got = per_sequence_pr(torch.from_numpy(x), seq_len)
+    expected = [[pr(np.linalg.svd(x[h, s * seq_len:(s + 1) * seq_len], compute_uv=False)) for h in range(heads)]
+                for s in range(n_seq)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # n matters: PR of one isotropic sequence of 40 vectors in 16 dims is well below the pooled PR of 160
+    iso = rng.standard_normal((1, 4000, 16))
+    assert per_sequence_pr(torch.from_numpy(iso), 40).mean() < pr(np.linalg.svd(iso[0], compute_uv=False)) - 1
+    with pytest.raises(ValueError, match="whole sequences"):
+        per_sequence_pr(torch.from_numpy(x), 7)
+
+
+def test_weight_spectra_split_rows_by_head_and_use_columns_as_vectors():
+    from qkrank.rank import weight_spectra
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((2 * 8, 20))
+    sv, eig = weight_spectra(torch.from_numpy(w), 2)
+    for h in range(2):
+        block = w[h * 8:(h + 1) * 8]
+        np.testing.assert_allclose(sv[h], np.linalg.svd(block, compute_uv=False), rtol=1e-12)
+        np.testing.assert_allclose(eig[h], np.sort(np.linalg.eigvalsh(np.cov(block)))[::-1], rtol=1e-10)

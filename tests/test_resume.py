@@ -229,6 +229,7 @@ def test_workflow_rerun_after_a_killed_train_job_resumes_to_the_same_result(tmp_
     """The real workflow: a train job dies (kill -9), the same snakemake command is run again."""
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
+    cfg["scales"]["tiny"]["train"]["keep_snapshots"] = "all"  # every snapshot is compared with a clean run's
     configfile = write_config(tmp_path / "config.yaml", cfg)
     target = f"results/runs/{CELL}/train.json"
     # The fixture's token shards stand in for the data job's (same config, same bytes): saves a tokenizer run.

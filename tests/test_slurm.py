@@ -172,10 +172,11 @@ def test_micro_study_on_slurm_equals_the_local_run(runs):
 
     # The jobs went through sbatch (one SLURM log per job), the local rules did not.
     slurm_logs = slurm_dir / ".snakemake" / "slurm_logs"
-    for rule, n in (("data", 1), ("train", 2), ("probe", 4), ("aggregate", 1)):
+    # per cell: segment 0 (the snapshot at 0 tokens), then `train`, the last segment
+    for rule, n in (("data", 1), ("segment", 2), ("train", 2), ("probe", 4), ("aggregate", 1)):
         assert len(list((slurm_logs / f"rule_{rule}").rglob("*.log"))) == n, rule
     assert not (slurm_logs / "rule_cell_settings").exists()
-    assert [state for _, state in jobs_in(slurm_dir)] == ["COMPLETED"] * 8
+    assert [state for _, state in jobs_in(slurm_dir)] == ["COMPLETED"] * 10
 
     local, remote = read_tables(local_dir / "results"), read_tables(slurm_dir / "results")
     assert remote.keys() == local.keys() and "probes.csv" in local

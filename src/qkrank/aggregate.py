@@ -39,7 +39,7 @@ def build_tables(config: dict, frames: dict) -> dict:
     per_seed = t.per_seed_summary(kpr, frames["losses"])
     gcv = t.gamma_cv(frames["gamma"])
     marks = t.marks_per_seed(frames["probes"], frames["losses"],
-                             t.resolve_marks(agg["marks_tokens"], frames["checkpoints"]), site)
+                             t.resolve_marks(agg["marks_tokens"], frames["checkpoints"], agg.get("marks_from", ())), site)
     marks_long = t.marks_table(marks, level)
     found = compare.scenarios(compare.compared_values(per_seed, marks), level, agg["verdict_margin"],
                               agg["verdict_alpha"])

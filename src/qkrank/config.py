@@ -12,6 +12,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from qkrank import schedule
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config.yaml"
@@ -156,24 +158,45 @@ def _check_scale(where: str, settings: dict) -> None:
 
     train = settings["train"]
     step = tokens_per_step(train)
+    if "checkpoint_every_tokens" not in train and "checkpoints" not in train:
+        raise ConfigError(f"config field '{where}.train': give checkpoint_every_tokens or checkpoints "
+                          f"(snapshot points; docs/training.md)")
     warmup = settings["optim"]["schedule"]["warmup_tokens"]
     token_counts = {"train.total_tokens": (train["total_tokens"], 1),
-                    "train.checkpoint_every_tokens": (train["checkpoint_every_tokens"], 1),
-                    "train.val_every_tokens": (train["val_every_tokens"], 1),
+                    "train.checkpoint_every_tokens": (train.get("checkpoint_every_tokens"), 1),
                     "optim.schedule.warmup_tokens": (warmup, 0)}
+    token_counts = {k: v for k, v in token_counts.items() if v[0] is not None}
     for name, (value, minimum) in token_counts.items():
         if value % step:
             raise ConfigError(
                 f"config field '{where}.{name}': {value} is not a multiple of tokens per optimizer step "
                 f"(micro_batch {train['micro_batch']} × grad_accum {train['grad_accum']} × seq_len "
                 f"{train['seq_len']} = {step}); nearest valid values: {_nearest_multiples(value, step, minimum)}")
-    every = train["checkpoint_every_tokens"]
-    if train["total_tokens"] % every:
+    every = train.get("checkpoint_every_tokens")
+    if every is not None and train["total_tokens"] % every:
         runs = train["total_tokens"] // every
         raise ConfigError(
             f"config field '{where}.train.total_tokens': {train['total_tokens']} is not a whole number of "
             f"checkpoint intervals (checkpoint_every_tokens {every}), so the last probe interval would differ; "
             f"nearest valid values: {' or '.join(str(n * every) for n in (runs, runs + 1) if n > 0)}")
+    try:
+        marks = schedule.checkpoint_tokens(train.get("checkpoints"), every, train["total_tokens"], step,
+                                           f"{where}.train")
+    except schedule.ScheduleError as e:
+        raise ConfigError(str(e)) from None
+    train.setdefault("val_every_tokens", train.get("checkpoint_every_tokens")
+                     or train.get("checkpoints", {}).get("every") or train["total_tokens"])
+    if train["val_every_tokens"] % step:
+        raise ConfigError(
+            f"config field '{where}.train.val_every_tokens': {train['val_every_tokens']} is not a multiple of tokens "
+            f"per optimizer step ({step}); nearest valid values: "
+            f"{_nearest_multiples(train['val_every_tokens'], step, 1)}")
+    keep = train["keep_snapshots"]
+    for i, tokens in enumerate(keep if isinstance(keep, list) else []):
+        if tokens not in marks:
+            nearest = sorted(marks, key=lambda m: (abs(m - tokens), m))[:2]
+            raise ConfigError(f"config field '{where}.train.keep_snapshots[{i}]': {tokens} is not a snapshot point; "
+                              f"nearest valid values: {' or '.join(map(str, sorted(nearest)))}")
     if warmup > train["total_tokens"]:
         raise ConfigError(f"config field '{where}.optim.schedule.warmup_tokens': {warmup} exceeds "
                           f"train.total_tokens {train['total_tokens']}")
@@ -219,6 +242,14 @@ def load(source: str | Path | dict | None = None) -> dict:
         if scale not in config["scales"]:
             raise ConfigError(f"config field 'grid.scales': unknown scale {scale!r}; "
                               f"defined under 'scales': {sorted(config['scales'])}")
+    marks_from, marks = config["aggregate"]["marks_from"], config["aggregate"]["marks_tokens"]
+    if marks_from and len(marks_from) != len(marks):
+        raise ConfigError(f"config field 'aggregate.marks_from': {len(marks_from)} entries for {len(marks)} "
+                          f"marks_tokens; give one scale per mark, or none")
+    for i, scale in enumerate(marks_from):
+        if scale not in config["grid"]["scales"]:
+            raise ConfigError(f"config field 'aggregate.marks_from[{i}]': {scale!r} is not a scale of the grid; "
+                              f"valid values: {config['grid']['scales']}")
     valid_ids = {c.id for c in cells(config)}
     for cell_id in config["cell_overrides"]:
         if cell_id not in valid_ids:
@@ -317,15 +348,21 @@ def _check_hf_scale(where: str, settings: dict) -> None:
 
 
 def checkpoint_tokens(settings: dict) -> list[int]:
-    """Tokens seen at each snapshot: 0, every interval, and the end (an hf scale: each revision's)."""
+    """Tokens seen at each snapshot: 0, the schedule's points (qkrank.schedule), and the end (an hf scale:
+    each revision's)."""
     if "schedule" in settings:
         return [entry["tokens"] for entry in settings["schedule"]]
     train = settings["train"]
-    every, total = train["checkpoint_every_tokens"], train["total_tokens"]
-    marks = list(range(0, total + 1, every))
-    if marks[-1] != total:
-        marks.append(total)
-    return marks
+    return schedule.checkpoint_tokens(train.get("checkpoints"), train.get("checkpoint_every_tokens"),
+                                      train["total_tokens"], tokens_per_step(train))
+
+
+def kept_snapshot_tokens(settings: dict) -> list[int]:
+    """Snapshots that outlive their probe (``train.keep_snapshots``); the final one always."""
+    marks, keep = checkpoint_tokens(settings), settings["train"].get("keep_snapshots", "final")
+    if keep == "all":
+        return marks
+    return sorted({marks[-1], *(keep if isinstance(keep, list) else [])})
 
 
 def config_hash(obj) -> str:
@@ -336,6 +373,9 @@ def config_hash(obj) -> str:
 
 def training_identity(settings: dict) -> dict:
     """The parts of a cell's settings that change its trained weights (not resources or probes)."""
+    # A muon cell never reads adamw_hidden: setting it for the adamw cells of a scale must not retrain these.
+    unused = "adamw_hidden" if settings["cell"]["optimizer"] == "muon" else None
     return {k: settings[k] for k in ("cell", "model", "train", "optim", "data")} | {
+        "optim": {k: v for k, v in settings["optim"].items() if k != unused}} | {
         "train": {k: v for k, v in settings["train"].items()
-                  if k not in ("threads", "keep_resume_checkpoints", "log_every_steps", "device")}}
+                  if k not in ("threads", "keep_resume_checkpoints", "keep_snapshots", "log_every_steps", "device")}}

@@ -10,6 +10,12 @@ import torch.nn as nn
 OPTIMIZERS = ("muon", "adamw")
 
 
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """A 2-D weight inside a transformer block (attention or MLP): what Muon updates in muon cells."""
+    # By path component, so a DDP/compile wrapper's "module."/"_orig_mod." prefix changes nothing.
+    return param.ndim == 2 and "blocks" in name.split(".")
+
+
 def split_parameters(model: nn.Module, optimizer: str) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Named trainable parameters by optimizer group.
 
@@ -23,33 +29,48 @@ def split_parameters(model: nn.Module, optimizer: str) -> dict[str, list[tuple[s
     for name, param in model.named_parameters():  # deduplicates tied weights
         if not param.requires_grad:
             continue
-        # By path component, so a DDP/compile wrapper's "module."/"_orig_mod." prefix changes nothing.
-        is_hidden_matrix = param.ndim == 2 and "blocks" in name.split(".")
-        groups["muon" if optimizer == "muon" and is_hidden_matrix else "adamw"].append((name, param))
+        groups["muon" if optimizer == "muon" and is_hidden_matrix(name, param) else "adamw"].append((name, param))
     if optimizer == "muon" and not groups["muon"]:
         raise ValueError("optimizer 'muon': the model has no 2-D weight matrices under 'blocks' for Muon; "
                          "use optimizer 'adamw' for such a model")
     return {k: v for k, v in groups.items() if v}
 
 
+def _adamw_groups(params: list[nn.Parameter], settings: dict) -> list[dict]:
+    """AdamW parameter groups of one settings block; weight decay only for tensors of 2+ dims."""
+    # Decay would pull γ (and any gain) toward 0, not toward its initial 1, biasing the very
+    # quantity under study; so only matrices and embeddings are decayed.
+    decayed = [p for p in params if p.ndim >= 2]
+    undecayed = [p for p in params if p.ndim < 2]
+    return [{"params": ps, "lr": settings["lr"], "betas": (settings["beta1"], settings["beta2"]),
+             "eps": settings["eps"], "weight_decay": wd}
+            for ps, wd in ((decayed, settings["weight_decay"]), (undecayed, 0.0)) if ps]
+
+
 def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[str, torch.optim.Optimizer]:
-    """One torch optimizer per non-empty group, keyed "muon"/"adamw"; AdamW decays only tensors of 2+ dims."""
+    """One torch optimizer per non-empty group, keyed "muon"/"adamw".
+
+    Both kinds of cell give the parameters outside the hidden matrices (embeddings, head, γ, 1-D) the same
+    AdamW groups, from ``optim.adamw``; only the hidden 2-D matrices differ: Muon (``optim.muon``) in muon
+    cells, AdamW with ``optim.adamw_hidden`` (unset: ``optim.adamw``) in adamw cells, as extra groups of the
+    same AdamW after the shared ones. So an adamw cell changes the hidden matrices' optimizer and nothing else.
+    """
+    groups = split_parameters(model, optimizer)
+    a = optim_cfg["adamw"]
     out: dict[str, torch.optim.Optimizer] = {}
-    for group, named in split_parameters(model, optimizer).items():
-        if group == "muon":
-            m = optim_cfg["muon"]
-            out["muon"] = torch.optim.Muon(
-                [p for _, p in named], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"],
-                ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
-        else:
-            a = optim_cfg["adamw"]
-            # Decay would pull γ (and any gain) toward 0, not toward its initial 1, biasing the very
-            # quantity under study; so only matrices and embeddings are decayed.
-            decayed = [p for _, p in named if p.ndim >= 2]
-            undecayed = [p for _, p in named if p.ndim < 2]
-            param_groups = [{"params": ps, "weight_decay": wd}
-                            for ps, wd in ((decayed, a["weight_decay"]), (undecayed, 0.0)) if ps]
-            out["adamw"] = torch.optim.AdamW(param_groups, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"])
+    if "muon" in groups:
+        m = optim_cfg["muon"]
+        out["muon"] = torch.optim.Muon(
+            [p for _, p in groups["muon"]], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"],
+            ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
+    named = groups.get("adamw", [])
+    hidden = [p for name, p in named if optimizer == "adamw" and is_hidden_matrix(name, p)]
+    hidden_ids = {id(p) for p in hidden}
+    param_groups = _adamw_groups([p for _, p in named if id(p) not in hidden_ids], a)
+    for group in _adamw_groups(hidden, {**a, **(optim_cfg.get("adamw_hidden") or {})}):
+        param_groups.append({**group, "hidden": True})
+    if param_groups:
+        out["adamw"] = torch.optim.AdamW(param_groups, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"])
     for opt in out.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -2,15 +2,15 @@
 
 ``python -m qkrank.probe --settings runs/<cell>/settings.json --data results/data --run-dir runs/<cell>
 --tokens 81920 --out runs/<cell>/probe/81920.h5``. Layout (docs/hdf5.md):
-``layers/{i}/{q|k}/{proj|normed|roped}/{sv,eig_cov,pr,pr_cov,erank,stable_rank[,act]}`` and
-``layers/{i}/gamma_{q|k}``; root attributes identify the cell, checkpoint and probe batch.
+``layers/{i}/{q|k}/{proj|normed|roped}/{sv,eig_cov,pr,pr_cov,erank,stable_rank,pr_seq,pr_seq_each[,act]}``,
+``layers/{i}/{q|k}/weight/{sv,eig_cov,pr,...}`` (W_Q / W_K per head) and ``layers/{i}/gamma_{q|k}``;
+root attributes identify the cell, checkpoint and probe batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -20,15 +20,15 @@ import h5py
 import numpy as np
 import torch
 
-from qkrank import __version__, checkpoint, runtime
+from qkrank import __version__, checkpoint, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards, sha256_file
 from qkrank.model import GPT, SITES, TENSORS, ModelConfig
 from qkrank.provenance import hdf5_attributes
-from qkrank.rank import SpectrumAccumulator, all_metrics
+from qkrank.rank import SpectrumAccumulator, all_metrics, per_sequence_pr, weight_spectra
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pr_seq / pr_seq_each, pr_n / pr_seq_n, weight spectra (docs/hdf5.md)
 # Below 16 × head_dim probe tokens per head a spectrum reflects sample size as well as the model: even for
 # isotropic Gaussian vectors σ_min/σ_max ≈ (1 − √(d/n)) / (1 + √(d/n)), 0.6 at n = 16d instead of 1.
 MIN_TOKENS_PER_HEAD_DIM = 16
@@ -79,21 +79,17 @@ def saves_activations(choice, cfg: ModelConfig, n_tokens: int) -> bool:
 
 
 def load_snapshot(run_dir: Path, tokens: int) -> dict:
-    """A snapshot verified against the run manifest's sha256 (a corrupt file is never trusted)."""
-    manifest_path = run_dir / "train.json"
-    if not manifest_path.exists():
-        raise ProbeError(f"{manifest_path} is missing: the cell has not finished training")
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest["snapshots"].get(str(tokens))
-    if entry is None:
+    """A snapshot verified against the sha256 its training recorded (a corrupt file is never trusted)."""
+    run_dir = Path(run_dir)
+    try:
+        path, sha = snapshots.locate(run_dir, tokens)
+    except snapshots.SnapshotError as e:
+        raise ProbeError(str(e)) from None
+    if not path.exists() or sha256_file(path) != sha:
         raise ProbeError(
-            f"{manifest_path}: no snapshot at {tokens} tokens; have {sorted(map(int, manifest['snapshots']))}"
-        )
-    path = run_dir / entry["path"]
-    if not path.exists() or sha256_file(path) != entry["sha256"]:
-        raise ProbeError(
-            f"{path}: missing or its sha256 differs from {manifest_path}; the snapshot is corrupt — "
-            f"delete {manifest_path} and rerun the workflow to retrain this cell"
+            f"{path}: missing or its sha256 differs from the one training recorded ({run_dir / 'train.json'} or "
+            f"{snapshots.stamp_path(run_dir, tokens)}); the snapshot is corrupt — delete {run_dir} and rerun "
+            f"the workflow to retrain this cell"
         )
     return checkpoint.safe_load(path)
 
@@ -103,9 +99,11 @@ ChunkSink = Callable[[str, int, torch.Tensor], None]
 
 @torch.no_grad()
 def measure(model: GPT, windows: np.ndarray, chunk_sequences: int, device: torch.device,
-            on_chunk: ChunkSink | None = None) -> dict[str, SpectrumAccumulator]:
+            on_chunk: ChunkSink | None = None,
+            per_sequence: dict[str, list[np.ndarray]] | None = None) -> dict[str, SpectrumAccumulator]:
     """Per site name, the spectrum of its vectors over the batch; ``on_chunk(site, first_token, vectors)``
-    sees every chunk's (heads, tokens, d) vectors, tokens numbered sequence-major (row · seq_len + position)."""
+    sees every chunk's (heads, tokens, d) vectors, tokens numbered sequence-major (row · seq_len + position).
+    ``per_sequence``, if given, receives per site one (chunk sequences, heads) array of per-sequence PR per chunk."""
     model.eval()
     spectra: dict[str, SpectrumAccumulator] = {}
     seq_len = windows.shape[1]
@@ -117,6 +115,8 @@ def measure(model: GPT, windows: np.ndarray, chunk_sequences: int, device: torch
             # (B, heads, T, d) → (heads, B·T, d): every token of the chunk is one vector per head.
             per_head = value.transpose(0, 1).reshape(value.shape[1], -1, value.shape[-1])
             spectra.setdefault(name, SpectrumAccumulator()).add(per_head)
+            if per_sequence is not None:
+                per_sequence.setdefault(name, []).append(per_sequence_pr(per_head, seq_len))
             if on_chunk is not None:
                 on_chunk(name, first_row * seq_len, per_head)
     return spectra
@@ -146,24 +146,46 @@ class ActivationWriter:
         self.datasets[site][:, first_token : first_token + vectors.shape[1]] = vectors.to("cpu", torch.float16)
 
 
+def _write_metrics(group: h5py.Group, sv: np.ndarray, eig: np.ndarray, n: int) -> None:
+    # fletcher32 checksums: a bit flip in a stored value fails on read instead of being trusted.
+    group.create_dataset("sv", data=sv, fletcher32=True)
+    group.create_dataset("eig_cov", data=eig, fletcher32=True)
+    for metric, values in all_metrics(sv, eig).items():
+        group.create_dataset(metric, data=values, fletcher32=True).attrs["n"] = n
+
+
 def write_spectra(f: h5py.File, spectra: dict[str, SpectrumAccumulator], gammas: dict[str, torch.Tensor],
-                  n_layers: int) -> None:
-    """sv, eig_cov and every metric per site, and the γ vectors (present only in learned and frozen modes)."""
+                  n_layers: int, per_sequence: dict[str, list[np.ndarray]] | None = None,
+                  seq_len: int | None = None) -> None:
+    """sv, eig_cov and every metric per site, the per-sequence PR (when given, n = ``seq_len``), and the γ
+    vectors (present only in learned and frozen modes)."""
     for layer in range(n_layers):
         for tensor in TENSORS:
             for site in SITES:
                 group = f.require_group(f"layers/{layer}/{tensor}/{site}")
-                spectrum = spectra[f"layer.{layer}/{tensor}/{site}"]
-                sv, eig = spectrum.singular_values(), spectrum.covariance_eigenvalues()
-                # fletcher32 checksums: a bit flip in a stored value fails on read instead of being trusted.
-                group.create_dataset("sv", data=sv, fletcher32=True)
-                group.create_dataset("eig_cov", data=eig, fletcher32=True)
-                for metric, values in all_metrics(sv, eig).items():
-                    group.create_dataset(metric, data=values, fletcher32=True)
+                name = f"layer.{layer}/{tensor}/{site}"
+                spectrum = spectra[name]
+                _write_metrics(group, spectrum.singular_values(), spectrum.covariance_eigenvalues(), spectrum.n)
+                if per_sequence is not None:
+                    each = np.concatenate(per_sequence[name], axis=0)
+                    group.create_dataset("pr_seq_each", data=each, fletcher32=True).attrs["n"] = seq_len
+                    group.create_dataset("pr_seq", data=each.mean(0), fletcher32=True).attrs["n"] = seq_len
             gamma = gammas.get(f"layer.{layer}/gamma_{tensor}")
             if gamma is not None:
                 f.create_dataset(f"layers/{layer}/gamma_{tensor}", data=gamma.detach().cpu().double().numpy(),
                                  fletcher32=True)
+
+
+def write_weight_spectra(f: h5py.File, model: GPT) -> None:
+    """σ, λ and the four metrics of every head's block of W_Q and W_K (``layers/{i}/{q|k}/weight``)."""
+    cfg = model.cfg
+    for layer, block in enumerate(model.blocks):
+        for tensor, weight, heads in (("q", block.attn.q_proj.weight, cfg.n_heads),
+                                      ("k", block.attn.k_proj.weight, cfg.n_kv_heads)):
+            group = f.require_group(f"layers/{layer}/{tensor}/weight")
+            group.attrs["n"] = cfg.d_model
+            sv, eig = weight_spectra(weight, heads)
+            _write_metrics(group, sv, eig, cfg.d_model)
 
 
 def probe_file_problem(path: str | Path) -> str | None:
@@ -225,7 +247,7 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
         "n_probe_tokens": n_tokens, "activations_saved": keep_activations,
         "qkrank_version": __version__, "schema_version": SCHEMA_VERSION, "n_layers": model_cfg.n_layers,
         "n_heads": model_cfg.n_heads, "n_kv_heads": model_cfg.n_kv_heads, "head_dim": model_cfg.head_dim,
-        "device": device.type,
+        "device": device.type, "pr_n": n_tokens, "pr_seq_n": int(windows.shape[1]),
     }
     attrs.update(hdf5_attributes())  # qkrank version, git commit and state, torch version
     if snap.get("val_loss") is not None:
@@ -236,8 +258,10 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
         writer = None
         if keep_activations:
             writer = ActivationWriter(f, model_cfg, n_tokens, probe_cfg["chunk_sequences"] * windows.shape[1])
-        spectra = measure(model, windows, probe_cfg["chunk_sequences"], device, writer)
-        write_spectra(f, spectra, model.gammas(), model_cfg.n_layers)
+        per_sequence: dict[str, list[np.ndarray]] = {}
+        spectra = measure(model, windows, probe_cfg["chunk_sequences"], device, writer, per_sequence)
+        write_spectra(f, spectra, model.gammas(), model_cfg.n_layers, per_sequence, int(windows.shape[1]))
+        write_weight_spectra(f, model)
         f.attrs["complete"] = True  # written last: a file without it is never trusted
 
 

@@ -55,6 +55,34 @@ def all_metrics(sv: np.ndarray, eig: np.ndarray) -> dict[str, np.ndarray]:
     return {"pr": pr(sv), "pr_cov": pr_cov(eig), "erank": erank(sv), "stable_rank": stable_rank(sv)}
 
 
+def per_sequence_pr(vectors: torch.Tensor, seq_len: int) -> np.ndarray:
+    """PR of each sequence alone: (heads, n_seq · seq_len, d) sequence-major vectors → (n_seq, heads).
+
+    Each sequence's seq_len × d matrix gets its own uncentered σ and pr = (Σσ)² / Σσ², so n = seq_len.
+    """
+    heads, n_tokens, d = vectors.shape
+    if n_tokens % seq_len:
+        raise ValueError(f"per_sequence_pr: {n_tokens} vectors are not whole sequences of {seq_len}")
+    x = vectors.detach().to(torch.float64).reshape(heads, n_tokens // seq_len, seq_len, d).transpose(0, 1)
+    return pr(torch.linalg.svdvals(x).cpu().numpy())
+
+
+def weight_spectra(weight: torch.Tensor, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """σ and column-covariance λ of each head's block of a projection weight (n_heads · d, d_model).
+
+    Head h's block W_h (d × d_model) maps the residual stream to its d-dimensional q or k, so its d_model
+    columns are d-vectors, the weight's counterpart of the activation vectors: σ = σ(W_h) and λ are the
+    eigenvalues of the covariance of the mean-centered columns (÷ (d_model − 1)). Both (n_heads, d).
+    """
+    rows, d_model = weight.shape
+    if rows % n_heads:
+        raise ValueError(f"weight_spectra: {rows} rows do not split into {n_heads} heads")
+    columns = weight.detach().to(torch.float64).reshape(n_heads, rows // n_heads, d_model).transpose(1, 2)
+    acc = SpectrumAccumulator()
+    acc.add(columns)
+    return acc.singular_values(), acc.covariance_eigenvalues()
+
+
 def _svdvals_padded(r: torch.Tensor, dim: int) -> np.ndarray:
     """σ of a triangular factor, descending, zero-padded to ``dim`` when fewer than ``dim`` rows were seen."""
     sv = torch.linalg.svdvals(r).cpu().numpy()

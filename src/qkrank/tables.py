@@ -134,12 +134,15 @@ def nearest_checkpoint(mark: int, checkpoints) -> int:
     return int(min(checkpoints, key=lambda c: (abs(c - mark), c)))
 
 
-def resolve_marks(marks: list[int], checkpoints: pd.DataFrame) -> pd.DataFrame:
-    """Per cell and mark: the checkpoint used. No marks configured = each cell's final checkpoint."""
+def resolve_marks(marks: list[int], checkpoints: pd.DataFrame, marks_from: list[str] = ()) -> pd.DataFrame:
+    """Per cell and mark: the checkpoint used. No marks configured = each cell's final checkpoint.
+    ``marks_from`` (aggregate.marks_from): the scale (run) each mark is taken from; other scales skip it."""
     rows = []
     for key, ck in checkpoints.groupby(CELL_COLUMNS, sort=False):
         tokens = sorted(ck.tokens_seen)
-        for mark in marks or [tokens[-1]]:
+        for i, mark in enumerate(marks or [tokens[-1]]):
+            if marks and marks_from and marks_from[i] != key[0]:
+                continue
             rows.append(dict(zip(CELL_COLUMNS, key, strict=True)) | {
                 "mark_tokens": int(mark), "checkpoint_tokens": nearest_checkpoint(mark, tokens)})
     return pd.DataFrame(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,11 +25,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from qkrank import checkpoint, runtime
+from qkrank import checkpoint, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_write_text
 from qkrank.cell_args import add_settings_args, settings_from_args
-from qkrank.data import DataError, TokenShards, sha256_file
+from qkrank.data import DataError, TokenShards
 from qkrank.metrics import Progress, write_csv
 from qkrank.model import GPT, ModelConfig
 from qkrank.optim import build_optimizers, lr_factor, set_lr
@@ -118,27 +119,41 @@ def _same_on_all_ranks(value: int, rt: runtime.Runtime) -> bool:
     return both[0].item() == -both[1].item()
 
 
-def train_cell(settings: dict, data_dir: Path, run_dir: Path) -> dict:
-    """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``."""
+def train_cell(settings: dict, data_dir: Path, run_dir: Path, until: int | None = None) -> dict:
+    """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``.
+
+    ``until``: train one segment, up to that snapshot point, and write only its snapshot (qkrank.snapshots:
+    what the workflow does, so each snapshot can be probed, and freed, while training goes on).
+    """
     rt = runtime.init(settings["train"], settings["resources"]["train"]["cpus"])
     with runtime.StopSignal() as stop:
-        return _train(settings, Path(data_dir), Path(run_dir), rt, stop)
+        return _train(settings, Path(data_dir), Path(run_dir), rt, stop, until)
 
 
-def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal) -> dict:
+def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal,
+           until: int | None = None) -> dict:
+    stop_at = snapshots.check_segment(settings, until)
     run = start_or_resume(settings, data_dir, run_dir, rt)
+    if run.tokens_seen > stop_at:
+        raise checkpoint.CheckpointError(f"{run.resumed_from}: resume state at {run.tokens_seen:,} tokens is past "
+                                         f"this segment's end ({stop_at:,}); delete {run.resume_dir} to retrain "
+                                         f"the cell")
+    run.until = until
     faults = Faults.from_env()
     if run.tokens_seen == 0:
         val0 = validation_loss(run.model, run.val_windows, run.micro, rt)
         run.rows = [{"tokens_seen": 0, "step": 0, "val_loss": val0, "wall_s": 0.0}]
         save(run, val0)
+    elif run.tokens_seen == stop_at:  # resumed at its own end (killed after its checkpoint): write the snapshot again
+        last = run.rows[-1] if run.rows and run.rows[-1]["tokens_seen"] == run.tokens_seen else {}
+        save(run, last.get("val_loss"))
     run.model.train()
-    while run.tokens_seen < run.total_tokens:
+    while run.tokens_seen < stop_at:
         val_loss, stop_requested = train_step(run, stop, faults)
         if run.at_snapshot:
             save(run, val_loss)
         faults.after_step(run.step)
-        if stop_requested and run.tokens_seen < run.total_tokens:
+        if stop_requested and run.tokens_seen < stop_at:
             if not run.at_snapshot:
                 save(run, val_loss)
             runtime.barrier(rt)
@@ -146,6 +161,9 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
             raise Preempted(f"{run.cell['id']}: stop signal received; resume checkpoint written at "
                             f"{run.tokens_seen:,} tokens (step {run.step}) in {run.resume_dir}")
     run.progress.close()
+    if stop_at < run.total_tokens:  # a segment: the next one resumes from the resume state just written
+        runtime.barrier(rt)
+        return {}
     return finish(run)
 
 
@@ -190,6 +208,7 @@ class CellRun:
     resumed_from: str | None = None
     t_start: float = field(default_factory=time.perf_counter)
     progress: Progress | None = None
+    until: int | None = None  # a segment's end (write only its snapshot); None = a whole run
 
     @property
     def cell(self) -> dict:
@@ -211,7 +230,7 @@ class CellRun:
     def total_tokens(self) -> int:
         return self.train_cfg["total_tokens"]
 
-    @property
+    @functools.cached_property
     def snapshot_marks(self) -> set[int]:
         return set(qconfig.checkpoint_tokens(self.settings))
 
@@ -322,16 +341,20 @@ def save(run: CellRun, val_loss: float | None) -> None:
     """The state after ``run.step``: its snapshot (at a probe mark) and a resume checkpoint; rank 0 writes."""
     if not run.rt.is_main:
         return
-    if run.at_snapshot:
+    # A segment writes its own end's snapshot only; a whole run every snapshot it passes.
+    if run.at_snapshot and (run.until is None or run.tokens_seen == run.until):
         save_snapshot(run, val_loss)
     save_resume(run)
     write_csv(run.rows, run.run_dir / "metrics.csv")  # readable while the cell runs
 
 
 def save_snapshot(run: CellRun, val_loss: float | None) -> None:
-    """``snapshots/{tokens}.pt``: the weights and metadata a probe job reads."""
-    checkpoint.atomic_save({"model": run.model.state_dict(), "val_loss": val_loss, **run.meta()},
-                           run.snap_dir / f"{run.tokens_seen}.pt")
+    """The weights and metadata a probe job reads (qkrank.snapshots: where, and a segment's record)."""
+    segment = run.until is not None
+    path = snapshots.snapshot_path(run.run_dir, run.tokens_seen, run.settings, segment=segment)
+    checkpoint.atomic_save({"model": run.model.state_dict(), "val_loss": val_loss, **run.meta()}, path)
+    if segment:
+        snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
 
 
 def save_resume(run: CellRun) -> None:
@@ -353,12 +376,11 @@ def finish(run: CellRun) -> dict:
     manifest = {}
     if run.rt.is_main:
         write_csv(run.rows, run.run_dir / "metrics.csv")
-        snapshots = {str(t): {"path": f"snapshots/{t}.pt", "sha256": sha256_file(run.snap_dir / f"{t}.pt")}
-                     for t in sorted(run.snapshot_marks)}
+        kept, freed = snapshots.manifest_entries(run.run_dir, run.settings)
         manifest = {"cell": run.cell, "config_hash": run.cfg_hash, "data_hash": run.shards.content_hash,
                     "tokens_seen": run.tokens_seen, "steps": run.step, "tokens_per_step": run.step_tokens,
-                    "snapshots": snapshots, "n_params": run.model.num_params(), "runtime": run.rt.describe(),
-                    "provenance": provenance()}
+                    "snapshots": kept, "freed_snapshots": freed, "n_params": run.model.num_params(),
+                    "runtime": run.rt.describe(), "provenance": provenance()}
         atomic_write_text(run.run_dir / "train.json", json.dumps(manifest, indent=2) + "\n")
         # Done: a forced rerun must retrain from zero, not resume the finished state.
         shutil.rmtree(run.resume_dir, ignore_errors=True)
@@ -371,16 +393,19 @@ def main(argv=None) -> None:
     add_settings_args(parser)
     parser.add_argument("--data", required=True, type=Path, help="prepared data directory (manifest.json)")
     parser.add_argument("--out", required=True, type=Path, help="the cell's run directory")
+    parser.add_argument("--until", type=int, help="train one segment: up to this snapshot point (tokens), write "
+                                                  "its snapshot and segments/{tokens}.json, and stop")
     args = parser.parse_args(argv)
     if not args.settings and not args.cell:
         parser.error("give --cell (with --config) or --settings")
     try:
         settings = settings_from_args(args)
-        train_cell(settings, args.data, args.out)
+        train_cell(settings, args.data, args.out, args.until)
     except Preempted as e:
         print(f"qkrank.train: {e}; exiting {EXIT_PREEMPTED} so the job is run again", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
-    except (qconfig.ConfigError, checkpoint.CheckpointError, DataError, TrainingDiverged) as e:
+    except (qconfig.ConfigError, checkpoint.CheckpointError, snapshots.SnapshotError, DataError,
+            TrainingDiverged) as e:
         sys.exit(f"qkrank.train: error: {e}")
     finally:
         runtime.shutdown()

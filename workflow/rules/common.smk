@@ -1,5 +1,6 @@
 # Shared names: the validated study, its cells, paths, and the shell prefix every rule uses.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
+from qkrank import snapshots as qsnapshots  # noqa: E402
 from qkrank import verify as qverify  # noqa: E402
 
 try:
