@@ -246,7 +246,7 @@ def test_planner_counts_kept_snapshots():
 def test_each_mark_comes_from_its_run():
     import pandas as pd
 
-    from qkrank.aggregate import resolve_marks
+    from qkrank.tables import resolve_marks
 
     rows = [{"scale": scale, "mode": "learned", "optimizer": "muon", "seed": 0, "tokens_seen": t}
             for scale, total in (("88m_20m", 20), ("88m", 25)) for t in range(0, total + 1)]

@@ -42,6 +42,8 @@ def schema_object(schema: dict, pointer: str) -> dict:
 
 def allowed_types(prop: dict, schema: dict) -> set:
     prop = resolve(schema, prop)
+    if "oneOf" in prop:
+        return set().union(*(allowed_types(arm, schema) for arm in prop["oneOf"]))
     if "enum" in prop:
         return {type(v) for v in prop["enum"]}
     kinds = prop.get("type", "object")

@@ -312,7 +312,8 @@ def _merged(config: dict, scale: str, cell_id: str | None) -> dict:
     settings = deep_merge(config["scales"][scale], config["cell_overrides"].get(cell_id, {}))
     if "train" in settings:
         train = settings["train"]
-        train.setdefault("val_every_tokens", train["checkpoint_every_tokens"])
+        train.setdefault("val_every_tokens", train.get("checkpoint_every_tokens")
+                         or train.get("checkpoints", {}).get("every") or train["total_tokens"])
     return settings
 
 

@@ -115,14 +115,32 @@ class ModelSettings(_Section):
 
 
 @dataclass(frozen=True)
+class LogSchedule(_Section):
+    SECTION = "train.checkpoints.log"
+    first: int
+    per_decade: int
+    until: int | None
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule(_Section):
+    """Snapshot points (qkrank.schedule): explicit tokens, every N, log-spaced; any of them may be left out."""
+
+    SECTION = "train.checkpoints"
+    tokens: tuple[int, ...] | None = None
+    every: int | None = None
+    log: LogSchedule | None = None
+
+
+@dataclass(frozen=True)
 class TrainSettings(_Section):
     SECTION = "train"
     seq_len: int
     micro_batch: int
     grad_accum: int
     total_tokens: int
-    checkpoint_every_tokens: int
-    val_every_tokens: int  # no schema default: qkrank.config.cell_settings fills in checkpoint_every_tokens
+    keep_snapshots: str | tuple[int, ...]
+    val_every_tokens: int  # no schema default: qkrank.config fills in the snapshot interval
     val_tokens: int
     log_every_steps: int
     grad_clip: float | None
@@ -133,6 +151,8 @@ class TrainSettings(_Section):
     nproc: int
     threads: int | None
     keep_resume_checkpoints: int
+    checkpoint_every_tokens: int | None = None  # give this, checkpoints, or both
+    checkpoints: CheckpointSchedule | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -169,11 +189,24 @@ class ScheduleSettings(_Section):
 
 
 @dataclass(frozen=True)
+class AdamWHiddenSettings(_Section):
+    """adamw cells' hidden matrices; a field left out falls back to optim.adamw."""
+
+    SECTION = "optim.adamw_hidden"
+    lr: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
 class OptimSettings(_Section):
     SECTION = "optim"
     muon: MuonSettings
     adamw: AdamWSettings
     schedule: ScheduleSettings
+    adamw_hidden: AdamWHiddenSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +346,9 @@ SCHEMA_POINTERS: dict[type, str] = {
     OptimSettings: f"{_SCALE}/optim",
     MuonSettings: f"{_SCALE}/optim/properties/muon",
     AdamWSettings: f"{_SCALE}/optim/properties/adamw",
+    AdamWHiddenSettings: f"{_SCALE}/optim/properties/adamw_hidden",
+    CheckpointSchedule: f"{_SCALE}/train/properties/checkpoints",
+    LogSchedule: f"{_SCALE}/train/properties/checkpoints/properties/log",
     ScheduleSettings: f"{_SCALE}/optim/properties/schedule",
     ProbeSettings: f"{_SCALE}/probe",
     ResourcesSettings: f"{_SCALE}/resources",
