@@ -6,6 +6,7 @@ import copy
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,32 @@ def load_json(path: str | Path) -> dict:
         return json.load(f)
 
 
+# ------------------------------------------------------------------ what can change a cell's results
+# Knobs that change how fast or where a job runs, never its numbers. They reach the jobs through
+# runtime.json beside settings.json, which is no rerun trigger: raising a time limit must not retrain.
+# None: the whole section.
+RUNTIME_FIELDS = {"train": ("threads", "keep_resume_checkpoints"), "probe": ("chunk_sequences",), "resources": None}
+
+
+def split_runtime(settings: dict) -> tuple[dict, dict]:
+    """A cell's settings → (identity: what can change its results, runtime: the RUNTIME_FIELDS)."""
+    identity, runtime = copy.deepcopy(settings), {}
+    for section, keys in RUNTIME_FIELDS.items():
+        if keys is None:
+            runtime[section] = identity.pop(section)
+        else:
+            runtime[section] = {k: identity[section].pop(k) for k in keys if k in identity[section]}
+    return identity, runtime
+
+
+def load_cell_settings(path: str | Path) -> dict:
+    """A cell's settings.json with the runtime.json beside it (if any) merged over it."""
+    path = Path(path)
+    settings = load_json(path)
+    runtime = path.with_name("runtime.json")
+    return deep_merge(settings, load_json(runtime)) if runtime.exists() else settings
+
+
 def load(source: str | Path | dict | None = None) -> dict:
     """Read (path or mapping), validate, fill defaults and check a study config."""
     if source is None:
@@ -210,9 +237,83 @@ def load(source: str | Path | dict | None = None) -> dict:
         if cell_id not in valid_ids:
             raise ConfigError(f"config field 'cell_overrides.{cell_id}': not a cell of the grid; "
                               f"cells: {sorted(valid_ids)}")
-    for cell in cells(config):
-        _check_data_fits(config["data"], cell_settings(config, cell))
+    check_paths(config)
+    check_sources(config)
+    settings = {cell: cell_settings(config, cell) for cell in cells(config)}
+    for one in settings.values():
+        _check_data_fits(config["data"], one)
+    check_depths(config, settings)
+    check_comparable(config, settings)
     return config
+
+
+# ------------------------------------------------------------------ load-time checks of the whole study
+# A path the workflow writes under and hands to shell commands (quoted): letters, digits, space and . _ - / + , = @ : ~
+_SAFE_PATH = re.compile(r"^[\w .,+=@:~/-]+$")
+
+
+def check_paths(config: dict) -> None:
+    """``results_dir`` holds no character that a shell, a glob or a Snakemake wildcard would interpret."""
+    results = config["results_dir"]
+    bad = sorted({c for c in results if not _SAFE_PATH.match(c)})
+    if bad:
+        raise ConfigError(f"config field 'results_dir': {results!r} contains {''.join(bad)!r}; use letters, digits, "
+                          f"spaces and . _ - / + , = @ : ~ only")
+    if ".." in Path(results).parts:
+        raise ConfigError(f"config field 'results_dir': {results!r} climbs out with '..'; give a path below the "
+                          f"working directory or an absolute one")
+
+
+def check_sources(config: dict) -> None:
+    """A corpus source that lists its inputs lists at least one."""
+    data = config["data"]
+    lists = {"files": ("data.files.paths", data["files"]["paths"]), "hf": ("data.hf.sources", data["hf"]["sources"])}
+    if data["source"] in lists:
+        field, items = lists[data["source"]]
+        if not items:
+            raise ConfigError(f"config field '{field}': empty, but data.source is {data['source']!r}; list at least "
+                              f"one {'file or glob' if data['source'] == 'files' else 'dataset'}")
+
+
+def check_depths(config: dict, settings: dict) -> None:
+    """Every ``aggregate.depths`` index names a layer of every scale (negatives count from the end)."""
+    from qkrank.presets import ModelConfig
+
+    for cell, one in settings.items():
+        fields = {k: v for k, v in one["model"].items() if k != "preset"}
+        n_layers = ModelConfig.from_preset(one["model"]["preset"], **fields).n_layers
+        for depth in config["aggregate"]["depths"]:
+            if not -n_layers <= depth < n_layers:
+                raise ConfigError(f"config field 'aggregate.depths': layer {depth} does not exist in scale "
+                                  f"{cell.scale!r} ({n_layers} layers); use {-n_layers} … {n_layers - 1}")
+
+
+def probe_batch_identity(settings: dict) -> dict:
+    """What decides which tokens a cell is probed on, and the architecture they pass through (minus norm)."""
+    probe = settings["probe"]
+    return {"probe.n_sequences": probe["n_sequences"],
+            "probe.seq_len": probe["seq_len"] or settings["train"]["seq_len"],
+            **{f"model.{k}": v for k, v in sorted(settings["model"].items())}}
+
+
+def check_comparable(config: dict, settings: dict) -> None:
+    """Cells of one scale are compared (modes, optimizers, seeds averaged): they must share the probe batch and
+    the architecture. A cell_override that breaks this is refused, naming it."""
+    by_scale: dict[str, list] = {}
+    for cell, one in settings.items():
+        by_scale.setdefault(cell.scale, []).append((cell, probe_batch_identity(one)))
+    for scale, members in by_scale.items():
+        plain = [(c, ident) for c, ident in members if c.id not in config["cell_overrides"]] or members[:1]
+        reference_cell, reference = plain[0]
+        for cell, ident in members:
+            diff = sorted(k for k in reference if ident.get(k) != reference[k])
+            if diff:
+                where = cell if cell.id in config["cell_overrides"] else reference_cell
+                raise ConfigError(
+                    f"config field 'cell_overrides.{where.id}': changes {', '.join(diff)} "
+                    f"({', '.join(f'{ident[k]!r} vs {reference[k]!r}' for k in diff)}), so {cell.id} and "
+                    f"{reference_cell.id} would be probed on different batches or architectures and compared; "
+                    f"override these fields under scales.{scale} for every cell instead")
 
 
 def _check_data_fits(data: dict, settings: dict) -> None:

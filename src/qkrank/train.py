@@ -278,7 +278,7 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
 
 def settings_from_args(args) -> dict:
     if args.settings:
-        raw = qconfig.load_json(args.settings)
+        raw = qconfig.load_cell_settings(args.settings)
         cell = qconfig.Cell.parse(raw["cell"]["id"])
         config = {"grid": {"scales": [cell.scale], "modes": [cell.mode], "optimizers": [cell.optimizer],
                            "seeds": [cell.seed]},

@@ -4,7 +4,8 @@
 why; with ``--fix`` it deletes what must be regenerated, so the next ``snakemake`` reruns exactly those jobs.
 Cheap checks (sizes, headers, loadability) always run; ``--hashes`` also compares sha256 with the manifests
 and reads every dataset of every probe file.
-The workflow runs the cheapest of them at parse time (``clean_corrupt``) on probe files and token shards.
+Nothing here runs while the workflow builds its DAG: a parse step would race with a running study. A file
+that another process holds open (an HDF5 lock that cannot be taken) is reported as busy and never deleted.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import csv
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qkrank import layout
 
 SPLITS = ("train", "val")
 DTYPE_BYTES = {"uint16": 2, "uint32": 4, "int32": 4, "int64": 8}
@@ -93,18 +95,13 @@ def checkpoint_problem(path: Path) -> str | None:
 def aggregate_outputs(results: Path) -> tuple[Path, ...]:
     """What the aggregate job writes. Snakemake rebuilds a deleted file only when a job that reads it must run,
     so these go with a bad probe file or snapshot: the next run then re-aggregates, and rebuilds that file."""
-    results = Path(results)
-    try:
-        from qkrank.aggregate import OUTPUTS
-    except ImportError:
-        return tuple(sorted((results / "tables").glob("*")))
-    return tuple(results / name for name in OUTPUTS)
+    return layout.aggregate_outputs(results)
 
 
 def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
     """A cell's train.json, snapshots (loadable; sha256 with ``hashes``), resume states, metrics and probe files."""
     run_dir = Path(run_dir)
-    tables = aggregate_outputs(run_dir.parents[4])  # results/runs/{scale}/{mode}/{optimizer}/seed{N}
+    tables = aggregate_outputs(layout.cell_of_run_dir(run_dir)[0])
     manifest_path, metrics_path = run_dir / "train.json", run_dir / "metrics.csv"
     retrain = (manifest_path, metrics_path, *tables)  # the train rule's outputs: deleting them reruns the cell
     problems = []
@@ -130,6 +127,9 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
         if why:
             problems.append(Problem(metrics_path, why, retrain))
     for path in sorted((run_dir / "probe").glob("*.h5")) if (run_dir / "probe").is_dir() else ():
+        if layout.probe_file_busy(path):
+            print(f"qkrank verify: {path} is open in another process (locked); not checked", file=sys.stderr)
+            continue
         why = probe_problem(path, deep=hashes)
         if why:
             problems.append(Problem(path, why, (path, *tables)))
@@ -139,27 +139,9 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
 # ---------------------------------------------------------------- probe files and tables
 
 def probe_problem(path: Path, deep: bool = False) -> str | None:
-    """Why a probe HDF5 file cannot be trusted (unreadable, no ``complete`` attribute), or None; ``deep`` also
-    reads every dataset, which catches damage to its metadata and to gzip-compressed data (zlib checksums)."""
-    try:
-        from qkrank.probe import probe_file_problem
-    except ImportError:  # an older probe module: the same two checks, here
-        probe_file_problem = None
-    import h5py
-
-    if probe_file_problem is not None:
-        why = probe_file_problem(path)
-        if why is not None:
-            return why.removeprefix(f"{path}: ")
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete", False):
-                return "incomplete probe file (no 'complete' attribute)"
-            if deep:
-                f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        return f"unreadable HDF5, truncated or corrupt ({type(e).__name__}: {e})"
-    return None
+    """Why a probe HDF5 file cannot be trusted (layout's one check, without the path prefix), or None."""
+    why = layout.probe_file_problem(path, deep=deep)
+    return None if why is None else why.removeprefix(f"{path}: ")
 
 
 def csv_problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
@@ -219,25 +201,6 @@ def fix(problems: list[Problem]) -> list[Path]:
                 path.unlink()
                 deleted.append(path)
     return deleted
-
-
-def clean_corrupt(results: Path, log=None) -> list[Problem]:
-    """Parse-time pass: token-shard sizes and probe-file headers only; corrupt ones are deleted and logged.
-
-    A deleted shard is rebuilt when a job reads the data again; a deleted probe file takes the aggregate's
-    outputs with it, so the next run re-probes and re-aggregates."""
-    results = Path(results)
-    problems = check_data(results / "data")
-    for path in sorted(results.glob("runs/*/*/*/seed*/probe/*.h5")):
-        why = probe_problem(path)
-        if why:
-            problems.append(Problem(path, why, (path, *aggregate_outputs(results))))
-    for problem in problems:
-        existing = ", ".join(str(p) for p in problem.remove if p.exists())
-        message = f"qkrank: corrupt file {problem}; deleting {existing} so that it is rebuilt"
-        (log or (lambda m: warnings.warn(m, stacklevel=2)))(message)
-    fix(problems)
-    return problems
 
 
 # ---------------------------------------------------------------- inputs checked before any job

@@ -2,11 +2,13 @@ rule probe:
     input:
         manifest=f"{RUN}/train.json",
         data=f"{DATA}/manifest.json",
-        settings=f"{RUN}/settings.json",
+        settings=f"{RUN}/{layout.RUN_FILES['settings']}",
+        runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
     output:
-        f"{RUN}/probe/{{tokens}}.h5",
+        f"{RUN}/{layout.PROBE_FILE}",
     params:
-        run_dir=RUN,
+        data=input_dir("data"),
+        run_dir=input_dir("manifest"),
     log:
         f"{RESULTS}/logs/probe/{CELL_LOG}/{{tokens}}.log",
     benchmark:
@@ -14,6 +16,8 @@ rule probe:
     threads: cell_resource("probe", "cpus")
     resources:
         **{name: cell_resource("probe", key) for name, key in JOB_RESOURCES.items()},
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m qkrank.probe --settings {input.settings} --data {DATA} --run-dir {params.run_dir}"
-        " --tokens {wildcards.tokens} --out {output} > {log} 2>&1"
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.probe --settings {input.settings:q} --data {params.data:q}'
+        " --run-dir {params.run_dir:q} --tokens {wildcards.tokens} --out {output:q}"
