@@ -43,7 +43,8 @@ def project(tmp_path_factory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
     shutil.copy2(REPO / "Snakefile", root / "Snakefile")
     shutil.copy2(REPO / "config.yaml", root / "config.yaml")
-    for folder in ("workflow", "src"):
+    shutil.copy2(REPO / "environment.yml", root / "environment.yml")
+    for folder in ("workflow", "src", "profiles"):
         shutil.copytree(REPO / folder, root / folder, ignore=ignore)
     write_config(root / "micro.yaml", rerun_config())
     run_snakemake(root, root / "micro.yaml", snakefile=root / "Snakefile")
