@@ -224,7 +224,7 @@ def load(source: str | Path | dict | None = None) -> dict:
                 # PyYAML reads JSON's 1e-08 as a string, so the workflow's config.json is read as JSON.
                 raw = json.load(f) if path.suffix == ".json" else (yaml.safe_load(f) or {})
             except (yaml.YAMLError, json.JSONDecodeError) as e:
-                raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
+                raise ConfigError(f"config file {path} is not valid YAML/JSON: {_syntax_error(e)}") from None
     else:
         raw = source
     config = validate_schema(raw)
@@ -314,6 +314,16 @@ def check_comparable(config: dict, settings: dict) -> None:
                     f"({', '.join(f'{ident[k]!r} vs {reference[k]!r}' for k in diff)}), so {cell.id} and "
                     f"{reference_cell.id} would be probed on different batches or architectures and compared; "
                     f"override these fields under scales.{scale} for every cell instead")
+
+
+def _syntax_error(error: Exception) -> str:
+    """A YAML or JSON syntax error in one line, with its line and column (1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    return " ".join(str(error).split())
 
 
 def _check_data_fits(data: dict, settings: dict) -> None:
