@@ -7,6 +7,7 @@ Each study here is the micro config written as ``config.yaml`` of a copy of the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,10 +19,11 @@ import time
 from pathlib import Path
 
 import h5py
+import psutil
 import pytest
 from conftest import REPO, micro_config, write_config
 
-from qkrank import launch, layout
+from qkrank import checkpoint, launch, layout
 from qkrank import verify as qverify
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -97,8 +99,10 @@ def results_of(project: Path) -> dict:
             out[str(path.relative_to(results))] = [f[f"layers/{layer}/k/roped/sv"][()].tolist()
                                                    for layer in range(int(f.attrs["n_layers"]))]
     for path in sorted(results.glob("runs/*/*/*/seed*/train.json")):
-        snapshots = json.loads(path.read_text())["snapshots"]
-        out[str(path.relative_to(results))] = {k: v["sha256"] for k, v in snapshots.items()}
+        for tokens, entry in json.loads(path.read_text())["snapshots"].items():
+            weights = checkpoint.safe_load(path.parent / entry["path"])["model"]
+            out[f"{path.parent.relative_to(results)}@{tokens}"] = {
+                name: hashlib.sha256(tensor.numpy().tobytes()).hexdigest() for name, tensor in weights.items()}
     for path in sorted(results.glob("runs/*/*/*/seed*/metrics.csv")):
         rows = [line.split(",") for line in path.read_text().splitlines()]
         keep = [i for i, name in enumerate(rows[0]) if "loss" in name or name in ("step", "tokens_seen", "lr")]
@@ -188,26 +192,32 @@ def _job_pids(project: Path) -> list[int]:
 def test_kill_9_of_snakemake_alone_leaves_no_training_running(tmp_path):
     project = copy_project(tmp_path / "orphans")
     proc = start(RUN, project)
-    wait_for(lambda: any("qkrank.train" in (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="ignore")
-                         for p in _job_pids(project)), proc)
-    snakemake = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_snakemake(p, project))
-    os.kill(snakemake, signal.SIGKILL)
-    end = time.time() + 60
-    while _job_pids(project) and time.time() < end:
-        time.sleep(0.5)
-    left = _job_pids(project)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: any("qkrank.train" in " ".join(p.cmdline()) for p in _jobs(proc)), proc)
+    snakemake = next(p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                     if "snakemake" in " ".join(p.cmdline()) and "python" in p.name())
+    jobs = _jobs(proc)
+    snakemake.kill()
+    gone, left = psutil.wait_procs(jobs, timeout=60)
+    for p in left:
+        p.kill()
     os.killpg(proc.pid, signal.SIGKILL)
-    assert not left, "jobs kept running after their snakemake was killed"
+    assert not left, f"jobs kept running after their snakemake was killed: {[p.cmdline() for p in left]}"
 
 
-def _is_snakemake(entry: Path, project: Path) -> bool:
+def _jobs(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The workflow's job processes (launchers and stages), snakemake and its shell left out."""
     try:
-        cmd = (entry / "cmdline").read_bytes().decode(errors="ignore")
-        return "snakemake" in cmd and os.readlink(entry / "cwd") == str(project) and "qkrank" not in cmd
-    except OSError:
-        return False
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in family:
+        try:
+            if "qkrank" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def test_runtime_knobs_retrain_nothing(reference, tmp_path):
@@ -265,22 +275,30 @@ def test_corpus_files_are_inputs_of_the_data_rule(tmp_path):
                                                                                         "vocab_size": 512},
                                                       "files": {"paths": ["corpus/*.txt"], "format": "text"}})
     (project / "corpus").mkdir()
-    (project / "corpus" / "a.txt").write_text("some text\n" * 100)
-    data = project / "results" / "data"
-    data.mkdir(parents=True)
-    time.sleep(0.01)
-    for name in layout.DATA_FILES:
-        (data / name).write_text("x")
+    text = "\n".join(f"line {i} says {i * 7 % 13} words about {i % 5} things" for i in range(300))
+    for n in range(20):  # one document per file: enough for a val split
+        (project / "corpus" / f"{n:02d}.txt").write_text(f"document {n}\n{text}")
     target = "results/data/manifest.json"
-    assert "Nothing to be done" in ok(shell(f"snakemake -n {target}", project)).stderr
+
+    def plan() -> str:
+        proc = ok(shell(f"snakemake -n {target}", project))
+        return proc.stdout + proc.stderr
+
+    ok(shell(f"snakemake --cores 1 {target}", project))
+    assert "Nothing to be done" in plan()
+    with open(project / "corpus" / "07.txt", "a") as f:  # edited
+        f.write("one more line\n")
     later = time.time() + 5
-    os.utime(project / "corpus" / "a.txt", (later, later))
-    assert "a.txt" in ok(shell(f"snakemake -n {target}", project)).stderr
-    os.utime(project / "corpus" / "a.txt", (time.time() - 100, time.time() - 100))
-    (project / "corpus" / "b.txt").write_text("more text\n" * 100)
-    os.utime(project / "corpus" / "b.txt", (time.time() - 100, time.time() - 100))
-    out = ok(shell(f"snakemake -n {target}", project)).stderr
-    assert "rule data" in out, out[-2000:]
+    os.utime(project / "corpus" / "07.txt", (later, later))
+    out = plan()
+    assert "rule data:" in out and "corpus/07.txt" in out, out[-2000:]
+    ok(shell(f"snakemake --cores 1 {target}", project))
+    assert "Nothing to be done" in plan()
+    (project / "corpus" / "new.txt").write_text(text[::-1])  # a new file matching the glob
+    earlier = time.time() - 1000
+    os.utime(project / "corpus" / "new.txt", (earlier, earlier))
+    out = plan()
+    assert "rule data:" in out and "set of input files has changed" in out, out[-2000:]
 
 
 def test_an_injected_results_dir_is_refused_before_any_job(tmp_path):

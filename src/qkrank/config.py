@@ -203,6 +203,21 @@ def split_runtime(settings: dict) -> tuple[dict, dict]:
     return identity, runtime
 
 
+def study_identity(config: dict) -> dict:
+    """The study config without runtime knobs (what config.json holds, so the analysis reruns only when
+    something that can change results changes); loading it fills the knobs back with their defaults."""
+    out = copy.deepcopy(config)
+    out["data"].pop("num_proc", None)
+    for section in (*out["scales"].values(), *out["cell_overrides"].values()):
+        for name, keys in RUNTIME_FIELDS.items():
+            if keys is None:
+                section.pop(name, None)
+            elif isinstance(section.get(name), dict):
+                for key in keys:
+                    section[name].pop(key, None)
+    return out
+
+
 def load_cell_settings(path: str | Path) -> dict:
     """A cell's settings.json with the runtime.json beside it (if any) merged over it."""
     path = Path(path)

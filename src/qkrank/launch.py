@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parent = os.getppid()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "ab") as log:
+        start = log.tell()  # this attempt's output begins here
         keep_attempt(args.log)
         if os.getppid() != parent:  # the parent died before the request took effect
             return 1
@@ -88,7 +89,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         status = child.wait()
     if status != 0:
-        tail = args.log.read_bytes()[-20000:].decode(errors="replace")
+        with open(args.log, "rb") as log:
+            log.seek(max(start, log.seek(0, os.SEEK_END) - 20000))
+            tail = log.read().decode(errors="replace")
         line = f"qkrank: {' '.join(command[1:3])} failed (exit {status}): {cause(tail, args.log.parent)}"
         with open(args.log, "a") as log:
             print(line, file=log)

@@ -221,7 +221,7 @@ def preflight(config: dict, workdir: Path | None = None) -> None:
     if data["source"] != "files":
         return
     for pattern in data["files"]["paths"]:
-        matches = [m for m in _matches(workdir, pattern) if m.exists()]
+        matches = [m for m in corpus_matches(workdir, pattern) if m.exists()]
         if not matches:
             raise ConfigError(f"config field 'data.files.paths': no file matches {pattern!r} (relative to "
                               f"{workdir}); give existing {data['files']['format']} files or globs")
@@ -230,7 +230,7 @@ def preflight(config: dict, workdir: Path | None = None) -> None:
                 raise ConfigError(f"config field 'data.files.paths': {path} is empty; the corpus needs text")
 
 
-def _matches(workdir: Path, pattern: str) -> list[Path]:
+def corpus_matches(workdir: Path, pattern: str) -> list[Path]:
     """Paths a corpus pattern names, relative to ``workdir`` unless absolute (as the data stage reads them)."""
     if not any(c in pattern for c in "*?["):
         return [workdir / pattern]

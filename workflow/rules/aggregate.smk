@@ -18,4 +18,4 @@ rule aggregate:
     conda:
         "../../environment.yml"
     shell:
-        '"$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.aggregate --config {input.config:q} --results {params.results:q}'
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.aggregate --config {input.config:q} --results {params.results:q}'

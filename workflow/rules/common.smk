@@ -115,7 +115,7 @@ def figure_selection(name):
 
 
 def study_text():
-    return json.dumps(STUDY, sort_keys=True)
+    return json.dumps(qconfig.study_identity(STUDY), sort_keys=True)
 
 
 def corpus_files():
@@ -123,7 +123,7 @@ def corpus_files():
     data = STUDY["data"]
     if data["source"] != "files":
         return []
-    return [str(p) for pattern in data["files"]["paths"] for p in qverify._matches(Path.cwd(), pattern)
+    return [str(p) for pattern in data["files"]["paths"] for p in qverify.corpus_matches(Path("."), pattern)
             if p.is_file()]
 
 

@@ -24,4 +24,4 @@ rule data:
     conda:
         "../../environment.yml"
     shell:
-        '"$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.data --data-json {params.data:q} --num-proc {threads} --out {params.out:q}'
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.data --data-json {params.data:q} --num-proc {threads} --out {params.out:q}'

@@ -29,5 +29,5 @@ for _name, _spec in FIGURES.items():
         conda:
             "../../environment.yml"
         shell:
-            '"$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.figures.{params.module} --tables {params.tables:q} --out {output.png:q}'
+            'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.figures.{params.module} --tables {params.tables:q} --out {output.png:q}'
             " {params.selection:q}"

@@ -27,5 +27,5 @@ rule summary:
     conda:
         "../../environment.yml"
     shell:
-        '"$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.summary --config {input.config:q} --results {params.results:q}'
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.summary --config {input.config:q} --results {params.results:q}'
         " --captions {params.captions:q} --figures {input.figures:q} --out {output.md:q} --html {output.html:q}"
