@@ -23,7 +23,7 @@ import psutil
 import pytest
 from conftest import REPO, micro_config, write_config
 
-from qkrank import checkpoint, launch, layout
+from qkrank import checkpoint, launch
 from qkrank import verify as qverify
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -194,7 +194,8 @@ def test_kill_9_of_snakemake_alone_leaves_no_training_running(tmp_path):
     proc = start(RUN, project)
     wait_for(lambda: any("qkrank.train" in " ".join(p.cmdline()) for p in _jobs(proc)), proc)
     snakemake = next(p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                     if "snakemake" in " ".join(p.cmdline()) and "python" in p.name())
+                     if "snakemake" in " ".join(p.cmdline()) and "qkrank" not in " ".join(p.cmdline())
+                     and Path(p.exe()).name not in ("sh", "bash", "dash"))
     jobs = _jobs(proc)
     snakemake.kill()
     gone, left = psutil.wait_procs(jobs, timeout=60)
@@ -266,8 +267,10 @@ def test_a_dry_run_deletes_nothing_and_verify_fix_spares_a_busy_file(reference, 
         assert bad in deleted and busy.exists()
     finally:
         holder.kill()
+    trained = {p: p.stat().st_mtime for p in results.glob("runs/*/*/*/seed*/train.json")}
     ok(shell(RUN, project))
     assert results_of(project) == results_of(reference)
+    assert {p: p.stat().st_mtime for p in trained} == trained, "a rebuilt identical data manifest retrained cells"
 
 
 def test_corpus_files_are_inputs_of_the_data_rule(tmp_path):
@@ -330,3 +333,16 @@ def test_launcher_runs_the_interpreter_that_runs_it(tmp_path):
     log = tmp_path / "job.log"
     assert launch.main(["--log", str(log), "--", "-c", "import sys; print(sys.executable)"]) == 0
     assert log.read_text().strip() == sys.executable
+
+
+def test_layout_is_the_one_contract_and_stays_light(tmp_path):
+    from qkrank import aggregate, layout
+
+    assert tuple(aggregate.OUTPUTS) == layout.AGGREGATE_OUTPUTS, "aggregate writes what the workflow expects"
+    results, cell = layout.cell_of_run_dir(tmp_path / "res" / "runs" / "tiny" / "none" / "adamw" / "seed3")
+    assert results == tmp_path / "res" and cell.id == "tiny/none/adamw/seed3"
+    assert layout.probe_path("res", cell, 512) == Path("res/runs/tiny/none/adamw/seed3/probe/512.h5")
+    code = "import sys, qkrank.layout, qkrank.config; print(sorted({'torch', 'pandas', 'h5py'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=user_env() | {"PYTHONPATH": str(REPO / "src")})
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
