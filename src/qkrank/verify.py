@@ -68,7 +68,7 @@ def check_data(data_dir: Path, hashes: bool = False) -> list[Problem]:
 
 
 def _sha256(path: Path) -> str:
-    from qkrank.data import sha256_file  # deferred: keeps the parse-time checks free of the data stack
+    from qkrank.data import sha256_file  # deferred: keeps verify free of the data stack until hashes are asked for
 
     return sha256_file(path)
 
