@@ -138,5 +138,5 @@ def test_cell_settings_file_merges_its_runtime_file(tmp_path):
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("grid:\n  scales: [tiny\n  modes: x\n")
-    with pytest.raises(qconfig.ConfigError, match=rf"config file {path} is not valid YAML/JSON: line 3, column 8: expected"):
+    with pytest.raises(qconfig.ConfigError, match=rf"config file {path} is not valid YAML/JSON: line 3, column 8: "):
         qconfig.load(path)

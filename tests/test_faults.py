@@ -202,7 +202,7 @@ def test_corrupt_shard_and_probe_file_survive_a_dry_run_and_verify_fix_replans_t
                            capture_output=True, text=True, env=env_with_src())
     assert f"BAD {data / 'train.bin'}" in fixed.stdout and "the manifest says" in fixed.stdout, fixed.stdout
     assert f"BAD {probe}" in fixed.stdout, fixed.stdout
-    assert not (data / "train.bin").exists() and not (data / "manifest.json").exists(), "never left to be read"
+    assert not (data / "train.bin").exists() and not (data / "tokenizer.json").exists(), "the data job reruns"
     assert not probe.exists() and not (results / "tables" / "probes.csv").exists()
     plan = run_snakemake(workdir, configfile, "-n", "aggregate").stdout
     assert "rule data:" in plan and "rule probe:" in plan and "rule aggregate:" in plan, "all rebuilt"

@@ -49,22 +49,33 @@ def check_data(data_dir: Path, hashes: bool = False) -> list[Problem]:
         itemsize = DTYPE_BYTES[manifest["dtype"]]
         tokens, sha = manifest["tokens"], manifest["sha256"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", (manifest_path,))]
+        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", _rebuild(data_dir))]
     problems = []
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
         expected = tokens[split] * itemsize
-        size = path.stat().st_size if path.exists() else None
+        if not path.exists():
+            continue  # missing: the workflow rebuilds it (the data job's output)
+        size = path.stat().st_size
         if size != expected:
-            found = "missing" if size is None else f"{size} bytes"
+            found = f"{size} bytes"
             problems.append(Problem(path, f"{found}, the manifest says {expected} bytes ({tokens[split]} tokens × "
-                                          f"{itemsize}); truncated or replaced", (path, manifest_path)))
+                                          f"{itemsize}); truncated or replaced", _rebuild(data_dir)))
     names = ("tokenizer.json", *(f"{s}.bin" for s in SPLITS)) if hashes else ()
     for name in names:
         path = data_dir / name
         if path.exists() and not any(p.path == path for p in problems) and _sha256(path) != sha[name]:
-            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)", (path, manifest_path)))
+            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)", _rebuild(data_dir)))
     return problems
+
+
+def _rebuild(data_dir: Path) -> tuple[Path, ...]:
+    """What --fix deletes so that the data job runs again: the tokenizer and shards, never the manifest.
+
+    Training and probes take the manifest as an ancient input (the data config is part of every cell's
+    settings.json), so while it exists a rebuild of the same data retrains nothing; the data job replaces
+    it, and until then no job reads the data (they all wait for that job)."""
+    return tuple(Path(data_dir) / name for name in ("tokenizer.json", *(f"{s}.bin" for s in SPLITS)))
 
 
 def _sha256(path: Path) -> str:

@@ -127,6 +127,15 @@ def corpus_files():
             if p.is_file()]
 
 
+def data_manifest():
+    """The data manifest as an input of training and probes. The data section is part of every cell's
+    settings.json, so a data change reruns them through it; the manifest itself only marks the data as ready
+    (ancient), so rebuilding identical shards (a damaged manifest repaired by `qkrank verify --fix`) retrains
+    nothing. A `files` corpus can change without any config change: there the manifest's age counts."""
+    manifest = f"{DATA}/manifest.json"
+    return manifest if STUDY["data"]["source"] == "files" else ancient(manifest)
+
+
 def data_json():
     # num_proc changes how fast the data is built, not its bytes: it is the job's threads, not a param.
     return json.dumps({k: v for k, v in STUDY["data"].items() if k != "num_proc"}, sort_keys=True)

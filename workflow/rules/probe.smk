@@ -1,7 +1,7 @@
 rule probe:
     input:
         manifest=f"{RUN}/train.json",
-        data=f"{DATA}/manifest.json",
+        data=data_manifest(),
         settings=f"{RUN}/{layout.RUN_FILES['settings']}",
         runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
     output:

@@ -1,6 +1,6 @@
 rule train:
     input:
-        manifest=f"{DATA}/manifest.json",
+        manifest=data_manifest(),
         settings=f"{RUN}/{layout.RUN_FILES['settings']}",
         runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
     output:
