@@ -263,8 +263,8 @@ def test_a_dry_run_deletes_nothing_and_verify_fix_spares_a_busy_file(reference, 
         assert holder.stdout.readline().strip() == "open"
         problems = qverify.check_results(results)
         assert {p.path for p in problems} >= {bad, manifest} and busy not in {p.path for p in problems}
-        deleted = qverify.fix(problems)
-        assert bad in deleted and busy.exists()
+        deleted = qverify.fix(problems, results)
+        assert bad in deleted and results / "data" in deleted and busy.exists()
     finally:
         holder.kill()
     trained = {p: p.stat().st_mtime for p in results.glob("runs/*/*/*/seed*/train.json")}

@@ -1,7 +1,8 @@
 """Integrity checks of a study's artifacts: nothing corrupt is ever silently trusted.
 
 ``qkrank verify [--config X | --results DIR] [--hashes] [--fix]`` lists every bad file with its path and
-why; with ``--fix`` it deletes what must be regenerated, so the next ``snakemake`` reruns exactly those jobs.
+why; with ``--fix`` it deletes what must be regenerated, so the next ``snakemake`` reruns exactly those jobs,
+and rebuilds damaged token data in place (the same bytes), so that no finished cell retrains.
 Cheap checks (sizes, headers, loadability) always run; ``--hashes`` also compares sha256 with the manifests
 and reads every dataset of every probe file.
 Nothing here runs while the workflow builds its DAG: a parse step would race with a running study. A file
@@ -31,6 +32,7 @@ class Problem:
     path: Path
     reason: str
     remove: tuple[Path, ...] = field(default=())
+    rebuild_data: bool = False  # token data: rebuilt in place by --fix (see rebuild_data)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -49,33 +51,39 @@ def check_data(data_dir: Path, hashes: bool = False) -> list[Problem]:
         itemsize = DTYPE_BYTES[manifest["dtype"]]
         tokens, sha = manifest["tokens"], manifest["sha256"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", _rebuild(data_dir))]
+        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", rebuild_data=True)]
     problems = []
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
         expected = tokens[split] * itemsize
-        if not path.exists():
-            continue  # missing: the workflow rebuilds it (the data job's output)
-        size = path.stat().st_size
+        size = path.stat().st_size if path.exists() else None
         if size != expected:
-            found = f"{size} bytes"
+            found = "missing" if size is None else f"{size} bytes"
             problems.append(Problem(path, f"{found}, the manifest says {expected} bytes ({tokens[split]} tokens × "
-                                          f"{itemsize}); truncated or replaced", _rebuild(data_dir)))
+                                          f"{itemsize}); truncated or replaced", rebuild_data=True))
     names = ("tokenizer.json", *(f"{s}.bin" for s in SPLITS)) if hashes else ()
     for name in names:
         path = data_dir / name
         if path.exists() and not any(p.path == path for p in problems) and _sha256(path) != sha[name]:
-            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)", _rebuild(data_dir)))
+            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)",
+                                    rebuild_data=True))
     return problems
 
 
-def _rebuild(data_dir: Path) -> tuple[Path, ...]:
-    """What --fix deletes so that the data job runs again: the tokenizer and shards, never the manifest.
+def rebuild_data(results: Path) -> Path:
+    """Rebuild the token data of ``results`` in place from its config.json (the same bytes: the data stage is
+    deterministic). Deleting it instead would make Snakemake retrain every cell: a data job that has to run
+    reruns everything after it, even when the bytes come out the same."""
+    from qkrank import config as qconfig
+    from qkrank.data import prepare
 
-    Training and probes take the manifest as an ancient input (the data config is part of every cell's
-    settings.json), so while it exists a rebuild of the same data retrains nothing; the data job replaces
-    it, and until then no job reads the data (they all wait for that job)."""
-    return tuple(Path(data_dir) / name for name in ("tokenizer.json", *(f"{s}.bin" for s in SPLITS)))
+    config = Path(results) / layout.CONFIG_JSON
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: cannot rebuild the data; delete {Path(results) / 'data'} "
+                                f"and run snakemake (every cell will retrain)")
+    data_dir = Path(results) / layout.DATA_DIR
+    prepare(qconfig.load(config)["data"], data_dir)
+    return data_dir
 
 
 def _sha256(path: Path) -> str:
@@ -203,14 +211,17 @@ def check_results(results: Path, hashes: bool = False) -> list[Problem]:
     return problems + check_tables(results / "tables")
 
 
-def fix(problems: list[Problem]) -> list[Path]:
-    """Delete every file that must be regenerated; returns the paths deleted."""
+def fix(problems: list[Problem], results: Path | None = None) -> list[Path]:
+    """Delete every file that must be regenerated, and rebuild damaged token data of ``results`` in place;
+    returns the paths deleted or rebuilt."""
     deleted = []
     for problem in problems:
         for path in problem.remove:
             if path.exists() and path not in deleted:
                 path.unlink()
                 deleted.append(path)
+    if results is not None and any(p.rebuild_data for p in problems):
+        deleted.append(rebuild_data(results))
     return deleted
 
 
@@ -277,8 +288,8 @@ def main(argv=None) -> None:
               f"{' (sha256 included)' if args.hashes else ''}")
         return
     if args.fix:
-        for path in fix(problems):
-            print(f"deleted {path}")
+        for path in fix(problems, args.results):
+            print(f"rebuilt {path}" if path.is_dir() else f"deleted {path}")
         print(f"qkrank verify: {len(problems)} bad file(s) removed; run snakemake again to regenerate them")
         return
     sys.exit(f"qkrank verify: {len(problems)} bad file(s); rerun with --fix to delete them for regeneration")
