@@ -1,7 +1,8 @@
 # qkrank: QK-Norm, γ and the dimensional structure of attention keys.
 # Stages (one rule family each, every rule a thin call of `python -m qkrank.<stage>`):
 #   data → train[cell] → probe[cell, tokens] → aggregate → figures → summary
-# Run: `snakemake --cores all` (config.yaml) or `snakemake --configfile configs/X.yaml ...`.
+# Run: `snakemake --cores all` (config.yaml) or `snakemake --configfile configs/X.yaml ...`. Every plain
+# `snakemake` here loads profiles/default (beside this file, where Snakemake looks for it).
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -21,6 +22,8 @@ include: "workflow/rules/common.smk"
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
+
+include: "workflow/rules/settings.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/probe.smk"
@@ -32,7 +35,7 @@ include: "workflow/rules/summary.smk"
 
 rule all:
     input:
-        summary=f"{RESULTS}/summary.md",
+        summary=f"{RESULTS}/{layout.SUMMARY_MD}",
         figures=all_figures(),
         tables=TABLES,
     default_target: True

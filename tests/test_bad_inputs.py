@@ -85,6 +85,20 @@ BAD_CONFIGS = [
      f"cell_overrides.{CELL}.train.learning_rate", "valid keys here"),
     ("cell override of the wrong type", with_override({CELL: {"train": {"micro_batch": "four"}}}),
      f"cell_overrides.{CELL}.train.micro_batch", "of type 'integer'"),
+    # issue 14: what used to fail late, be silently changed, or run
+    ("results_dir with a shell command", changed("results_dir", "res;touch PWNED;echo"), "results_dir",
+     "use letters, digits, spaces"),
+    ("results_dir with a wildcard brace", changed("results_dir", "res{x}"), "results_dir", "contains '{}'"),
+    ("results_dir climbing out", changed("results_dir", "../elsewhere"), "results_dir", "climbs out"),
+    ("aggregate layer beyond the model", changed("aggregate.depths", [0, 7]), "aggregate.depths",
+     "layer 7 does not exist in scale 'tiny' (2 layers); use -2 … 1"),
+    ("empty corpus file list", changed("data.source", "files"), "data.files.paths", "list at least one file"),
+    ("empty dataset list", changed("data.source", "hf"), "data.hf.sources", "list at least one dataset"),
+    ("override probing one mode on another batch", with_override({"tiny/none/muon/seed0": {"train": {"seq_len": 32}}}),
+     "cell_overrides.tiny/none/muon/seed0", "changes probe.seq_len (32 vs 64)"),
+    ("override changing one mode's architecture",
+     with_override({"tiny/frozen/muon/seed0": {"model": {"n_layers": 3}}}),
+     "cell_overrides.tiny/frozen/muon/seed0", "model.n_layers"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from conftest import REPO, micro_config, run_snakemake, write_config
@@ -108,3 +109,34 @@ def test_workflow_refuses_bad_config_before_any_job(tmp_path, description, cfg, 
     output = proc.stdout + proc.stderr
     assert field in output, output[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_runtime_fields_exist_in_the_schema_and_split_off_cleanly():
+    cfg = qconfig.load(micro_config())
+    settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
+    identity, runtime = qconfig.split_runtime(settings)
+    scale_schema = qconfig.load_schema()["$defs"]["scale"]["properties"]
+    for section, keys in qconfig.RUNTIME_FIELDS.items():
+        assert section in scale_schema
+        for key in keys or ():
+            assert key in scale_schema[section]["properties"], f"{section}.{key} is not a schema field"
+            assert key not in identity[section] and key in runtime[section]
+    assert "resources" not in identity and identity["cell"] == settings["cell"]
+    assert qconfig.deep_merge(identity, runtime) == settings
+
+
+def test_cell_settings_file_merges_its_runtime_file(tmp_path):
+    cfg = qconfig.load(micro_config())
+    settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
+    identity, runtime = qconfig.split_runtime(settings)
+    (tmp_path / "settings.json").write_text(json.dumps(identity))
+    assert qconfig.load_cell_settings(tmp_path / "settings.json") == identity
+    (tmp_path / "runtime.json").write_text(json.dumps(runtime))
+    assert qconfig.load_cell_settings(tmp_path / "settings.json") == settings
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("grid:\n  scales: [tiny\n  modes: x\n")
+    with pytest.raises(qconfig.ConfigError, match=rf"config file {path} is not valid YAML/JSON: line 3, column 8: "):
+        qconfig.load(path)

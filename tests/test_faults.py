@@ -155,11 +155,16 @@ def test_kill_during_training_probe_and_aggregation_then_rerun_reproduces_the_ru
     data[2] ^= 0x10  # inside the HDF5 signature
     flipped.write_bytes(bytes(data))
 
+    # a dry run deletes nothing (no parse-time cleanup to race with a running study); verify --fix finds them
     unlock(workdir)
-    proc = run_snakemake(workdir, configfile, "aggregate", "--rerun-incomplete")
-    log = proc.stdout + proc.stderr
+    run_snakemake(workdir, configfile, "-n", "aggregate")
+    assert truncated.exists() and flipped.exists()
+    fixed = subprocess.run([sys.executable, "-m", "qkrank.verify", "--results", str(results), "--fix"],
+                           capture_output=True, text=True, env=env_with_src())
+    assert fixed.returncode == 0, fixed.stderr
     for damaged in (truncated, flipped):
-        assert f"corrupt file {damaged.relative_to(workdir)}" in log, log[-3000:]
+        assert f"BAD {damaged}" in fixed.stdout and not damaged.exists(), fixed.stdout
+    run_snakemake(workdir, configfile, "aggregate", "--rerun-incomplete")
     reference_tables, tables = read_tables(ref_dir / "results"), read_tables(results)
     assert sorted(tables) == sorted(reference_tables)
     for name, table in tables.items():
@@ -186,21 +191,25 @@ def _flip_bit(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_shard_and_probe_file_are_deleted_at_parse_time_and_replanned(reference, tmp_path):
+def test_corrupt_shard_and_probe_file_survive_a_dry_run_and_verify_fix_replans_them(reference, tmp_path):
     workdir, configfile = _copy_study(reference, tmp_path)
-    data, probe = workdir / "results" / "data", workdir / "results" / "runs" / CELL / "probe" / "512.h5"
+    results = workdir / "results"
+    data, probe = results / "data", results / "runs" / CELL / "probe" / "512.h5"
     (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-2])
     probe.write_bytes(b"\0" * 64 + probe.read_bytes()[64:])  # the HDF5 superblock wiped
-    # what every reader of the data (train, probe) asks for: the manifest
-    proc = run_snakemake(workdir, configfile, "-n", "results/data/manifest.json")
-    log = proc.stdout + proc.stderr
-    assert "corrupt file results/data/train.bin" in log and "the manifest says" in log, log[-3000:]
-    assert "corrupt file results/runs/tiny/learned/muon/seed0/probe/512.h5" in log, log[-3000:]
-    assert not (data / "train.bin").exists() and not (data / "manifest.json").exists(), "never left to be read"
-    assert not probe.exists() and not (workdir / "results" / "tables" / "probes.csv").exists()
-    assert "rule data:" in log, "the data job is planned again"
+    before = sorted(p for p in results.rglob("*") if p.is_file() and "logs" not in p.parts)
+    run_snakemake(workdir, configfile, "-n", "aggregate")
+    assert sorted(p for p in results.rglob("*") if p.is_file() and "logs" not in p.parts) == before, \
+        "building the DAG deleted files"
+    fixed = subprocess.run([sys.executable, "-m", "qkrank.verify", "--results", str(results), "--fix"],
+                           capture_output=True, text=True, env=env_with_src())
+    assert f"BAD {data / 'train.bin'}" in fixed.stdout and "the manifest says" in fixed.stdout, fixed.stdout
+    assert f"BAD {probe}" in fixed.stdout, fixed.stdout
+    assert f"rebuilt {data}" in fixed.stdout and verify.check_data(data, hashes=True) == [], "data rebuilt in place"
+    assert not probe.exists() and not (results / "tables" / "probes.csv").exists()
     plan = run_snakemake(workdir, configfile, "-n", "aggregate").stdout
     assert "rule probe:" in plan and "rule aggregate:" in plan, "the probe file and the tables are rebuilt"
+    assert "rule data:" not in plan and "rule train:" not in plan, "identical data retrains nothing"
 
 
 def test_corrupt_snapshots_and_shard_are_named_by_verify_and_fixed(reference, tmp_path):
@@ -232,7 +241,7 @@ def test_corrupt_snapshots_and_shard_are_named_by_verify_and_fixed(reference, tm
     assert not truncated.exists() and not flipped.exists() and not (run / "train.json").exists()
     assert verify.check_results(results, hashes=True) == []
     plan = run_snakemake(workdir, configfile, "-n", "aggregate")
-    assert "rule data:" in plan.stdout and "rule train:" in plan.stdout, "the deleted files are rebuilt"
+    assert "rule train:" in plan.stdout and "rule data:" not in plan.stdout, "snapshots retrained, data rebuilt"
 
 
 def test_nan_mid_training_stops_that_cell_naming_the_step_while_others_finish(micro_data, tmp_path):

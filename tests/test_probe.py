@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import micro_config, run_snakemake, write_config
+from conftest import env_with_src, micro_config, run_snakemake, write_config
 
 from qkrank import checkpoint
 from qkrank import config as qconfig
@@ -324,7 +326,7 @@ def test_cuda_probe_device_without_cuda_names_the_field(study, micro_data, tmp_p
 
 @pytest.mark.slow
 def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
-    """Depends on the workflow's parse-time check of probe files (qkrank.verify) to schedule the re-probe."""
+    """Nothing is deleted while the DAG is built (issue 14): `qkrank verify --fix` removes the damaged file."""
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
     cfg["scales"]["tiny"]["train"].update(total_tokens=1024, checkpoint_every_tokens=512)
@@ -338,6 +340,9 @@ def test_workflow_reprobes_a_truncated_probe_file(micro_data, tmp_path):
     with open(damaged, "r+b") as f:
         f.truncate(damaged.stat().st_size // 2)
     assert not is_complete_probe_file(damaged)
+    fixed = subprocess.run([sys.executable, "-m", "qkrank.verify", "--results", str(tmp_path / "results"), "--fix"],
+                           capture_output=True, text=True, env=env_with_src())
+    assert fixed.returncode == 0 and f"deleted {damaged}" in fixed.stdout, fixed.stdout + fixed.stderr
     second = run_snakemake(tmp_path, configfile, target)
     log = second.stdout + second.stderr
     assert is_complete_probe_file(damaged), log

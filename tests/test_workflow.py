@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +24,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, micro_config, run_snakemake, write_config
+from conftest import REPO, env_with_src, micro_config, run_snakemake, write_config
 
 from qkrank import config as qconfig
 from qkrank.figures import FIGURES
@@ -43,7 +45,8 @@ def project(tmp_path_factory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
     shutil.copy2(REPO / "Snakefile", root / "Snakefile")
     shutil.copy2(REPO / "config.yaml", root / "config.yaml")
-    for folder in ("workflow", "src"):
+    shutil.copy2(REPO / "environment.yml", root / "environment.yml")
+    for folder in ("workflow", "src", "profiles"):
         shutil.copytree(REPO / folder, root / folder, ignore=ignore)
     write_config(root / "micro.yaml", rerun_config())
     run_snakemake(root, root / "micro.yaml", snakefile=root / "Snakefile")
@@ -196,3 +199,15 @@ def test_changing_one_cells_config_reruns_only_that_cell(project):
     assert jobs == expected
     run_outputs = re.findall(r"output: (results/runs/\S+)", out)
     assert run_outputs and all(f"/runs/{OVERRIDDEN_CELL}/" in path for path in run_outputs), run_outputs
+
+
+def test_lint_is_clean_and_building_the_dag_imports_no_heavy_library(project):
+    lint = run_snakemake(project, project / "micro.yaml", "--lint", snakefile=project / "Snakefile")
+    assert "Congratulations, your workflow is in a good condition!" in lint.stdout + lint.stderr, lint.stdout[-3000:]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "-n", "--configfile", "micro.yaml"],
+                          cwd=project, capture_output=True, text=True, env=env_with_src(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    # pandas is left out: with finished outputs Snakemake's own params serializer imports it (persistence).
+    heavy = {"torch", "scipy", "h5py", "matplotlib"}
+    assert not imported & heavy, sorted(imported & heavy)

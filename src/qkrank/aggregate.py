@@ -15,16 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-# Every file the aggregate step writes, relative to the results directory (the workflow's outputs).
-TABLE_NAMES = ("probes", "losses", "gamma", "spectra", "mean_pr", "mean_pr_ci", "layer_pr", "loss_curves",
-               "gamma_cv", "gamma_cv_final", "summary_seed004_per_seed", "summary_seed004", "marks_per_seed",
-               "marks", "paradox", "paired", "gamma_pr_points", "gamma_pr_per_seed", "gamma_pr",
-               "gamma_dims_per_seed", "gamma_dims", "depth_pr_per_seed", "depth_pr", "weight_spectra")
-MARKDOWN_NAMES = ("mean_pr_ci", "gamma_cv_final", "summary_seed004", "marks", "paradox", "verdict", "paired",
-                  "analyses", "planner")
-OUTPUTS = ([f"tables/{n}.csv" for n in TABLE_NAMES] + [f"tables/{n}.md" for n in MARKDOWN_NAMES]
-           + ["verdict.json"])
-CODE = ("aggregate", "collect", "tables", "compare", "analyses", "markdown", "stats", "verdict", "planner")
+from qkrank.layout import AGGREGATE_CODE as CODE  # noqa: F401  (the workflow's code inputs)
+from qkrank.layout import AGGREGATE_OUTPUTS as OUTPUTS
+from qkrank.layout import MARKDOWN_NAMES, TABLE_NAMES  # noqa: F401
 
 
 def build_tables(config: dict, frames: dict) -> dict:

@@ -9,7 +9,7 @@ from qkrank import config as qconfig
 
 def settings_from_args(args) -> dict:
     if args.settings:
-        raw = qconfig.load_json(args.settings)
+        raw = qconfig.load_cell_settings(args.settings)  # settings.json + runtime.json
         cell = qconfig.Cell.parse(raw["cell"]["id"])
         config = {"grid": {"scales": [cell.scale], "modes": [cell.mode], "optimizers": [cell.optimizer],
                            "seeds": [cell.seed]},

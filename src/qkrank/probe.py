@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from qkrank import __version__, checkpoint, runtime, snapshots
+from qkrank import __version__, checkpoint, layout, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards, sha256_file
@@ -28,7 +28,7 @@ from qkrank.model import GPT, SITES, TENSORS, ModelConfig
 from qkrank.provenance import hdf5_attributes
 from qkrank.rank import SpectrumAccumulator, all_metrics, per_sequence_pr, weight_spectra
 
-SCHEMA_VERSION = 2  # 2: pr_seq / pr_seq_each, pr_n / pr_seq_n, weight spectra (docs/hdf5.md)
+SCHEMA_VERSION = layout.PROBE_SCHEMA_VERSION
 # Below 16 × head_dim probe tokens per head a spectrum reflects sample size as well as the model: even for
 # isotropic Gaussian vectors σ_min/σ_max ≈ (1 − √(d/n)) / (1 + √(d/n)), 0.6 at n = 16d instead of 1.
 MIN_TOKENS_PER_HEAD_DIM = 16
@@ -190,21 +190,7 @@ def write_weight_spectra(f: h5py.File, model: GPT) -> None:
 
 def probe_file_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a complete probe file of this schema (a message naming it), or None if it is."""
-    path = Path(path)
-    if not path.is_file():
-        return f"{path}: probe file is missing"
-    try:
-        with h5py.File(path, "r") as f:
-            complete = bool(f.attrs.get("complete", False))
-            version = f.attrs.get("schema_version")
-    except OSError as e:
-        return f"{path}: unreadable HDF5, truncated or corrupt ({e}); delete it and rerun the workflow to re-probe"
-    if not complete:
-        return f"{path}: incomplete probe file (no 'complete' attribute); delete it and rerun the workflow"
-    if version != SCHEMA_VERSION:
-        return (f"{path}: probe schema version {version}, this qkrank writes {SCHEMA_VERSION}; "
-                f"delete it and rerun the workflow to re-probe")
-    return None
+    return layout.probe_file_problem(path)
 
 
 def is_complete_probe_file(path: str | Path) -> bool:

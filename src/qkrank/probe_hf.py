@@ -276,7 +276,7 @@ def main(argv=None) -> None:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _print_warning
-            probe_revision(qconfig.load_json(args.settings), args.data, args.tokens, args.out)
+            probe_revision(qconfig.load_cell_settings(args.settings), args.data, args.tokens, args.out)
     except (qconfig.ConfigError, suites.SuiteError, ProbeError, DataError) as e:
         sys.exit(f"qkrank.probe_hf: error: {e}")
 

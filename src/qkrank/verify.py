@@ -1,10 +1,12 @@
 """Integrity checks of a study's artifacts: nothing corrupt is ever silently trusted.
 
 ``qkrank verify [--config X | --results DIR] [--hashes] [--fix]`` lists every bad file with its path and
-why; with ``--fix`` it deletes what must be regenerated, so the next ``snakemake`` reruns exactly those jobs.
+why; with ``--fix`` it deletes what must be regenerated, so the next ``snakemake`` reruns exactly those jobs,
+and rebuilds damaged token data in place (the same bytes), so that no finished cell retrains.
 Cheap checks (sizes, headers, loadability) always run; ``--hashes`` also compares sha256 with the manifests
 and reads every dataset of every probe file.
-The workflow runs the cheapest of them at parse time (``clean_corrupt``) on probe files and token shards.
+Nothing here runs while the workflow builds its DAG: a parse step would race with a running study. A file
+that another process holds open (an HDF5 lock that cannot be taken) is reported as busy and never deleted.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import csv
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qkrank import layout
 
 SPLITS = ("train", "val")
 DTYPE_BYTES = {"uint16": 2, "uint32": 4, "int32": 4, "int64": 8}
@@ -29,6 +32,7 @@ class Problem:
     path: Path
     reason: str
     remove: tuple[Path, ...] = field(default=())
+    rebuild_data: bool = False  # token data: rebuilt in place by --fix (see rebuild_data)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -47,7 +51,7 @@ def check_data(data_dir: Path, hashes: bool = False) -> list[Problem]:
         itemsize = DTYPE_BYTES[manifest["dtype"]]
         tokens, sha = manifest["tokens"], manifest["sha256"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", (manifest_path,))]
+        return [Problem(manifest_path, f"unreadable data manifest ({type(e).__name__}: {e})", rebuild_data=True)]
     problems = []
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
@@ -56,17 +60,34 @@ def check_data(data_dir: Path, hashes: bool = False) -> list[Problem]:
         if size != expected:
             found = "missing" if size is None else f"{size} bytes"
             problems.append(Problem(path, f"{found}, the manifest says {expected} bytes ({tokens[split]} tokens × "
-                                          f"{itemsize}); truncated or replaced", (path, manifest_path)))
+                                          f"{itemsize}); truncated or replaced", rebuild_data=True))
     names = ("tokenizer.json", *(f"{s}.bin" for s in SPLITS)) if hashes else ()
     for name in names:
         path = data_dir / name
         if path.exists() and not any(p.path == path for p in problems) and _sha256(path) != sha[name]:
-            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)", (path, manifest_path)))
+            problems.append(Problem(path, "sha256 differs from manifest.json (corrupted)",
+                                    rebuild_data=True))
     return problems
 
 
+def rebuild_data(results: Path) -> Path:
+    """Rebuild the token data of ``results`` in place from its config.json (the same bytes: the data stage is
+    deterministic). Deleting it instead would make Snakemake retrain every cell: a data job that has to run
+    reruns everything after it, even when the bytes come out the same."""
+    from qkrank import config as qconfig
+    from qkrank.data import prepare
+
+    config = Path(results) / layout.CONFIG_JSON
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: cannot rebuild the data; delete {Path(results) / 'data'} "
+                                f"and run snakemake (every cell will retrain)")
+    data_dir = Path(results) / layout.DATA_DIR
+    prepare(qconfig.load(config)["data"], data_dir)
+    return data_dir
+
+
 def _sha256(path: Path) -> str:
-    from qkrank.data import sha256_file  # deferred: keeps the parse-time checks free of the data stack
+    from qkrank.data import sha256_file  # deferred: keeps verify free of the data stack until hashes are asked for
 
     return sha256_file(path)
 
@@ -93,18 +114,13 @@ def checkpoint_problem(path: Path) -> str | None:
 def aggregate_outputs(results: Path) -> tuple[Path, ...]:
     """What the aggregate job writes. Snakemake rebuilds a deleted file only when a job that reads it must run,
     so these go with a bad probe file or snapshot: the next run then re-aggregates, and rebuilds that file."""
-    results = Path(results)
-    try:
-        from qkrank.aggregate import OUTPUTS
-    except ImportError:
-        return tuple(sorted((results / "tables").glob("*")))
-    return tuple(results / name for name in OUTPUTS)
+    return layout.aggregate_outputs(results)
 
 
 def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
     """A cell's train.json, snapshots (loadable; sha256 with ``hashes``), resume states, metrics and probe files."""
     run_dir = Path(run_dir)
-    tables = aggregate_outputs(run_dir.parents[4])  # results/runs/{scale}/{mode}/{optimizer}/seed{N}
+    tables = aggregate_outputs(layout.cell_of_run_dir(run_dir)[0])
     manifest_path, metrics_path = run_dir / "train.json", run_dir / "metrics.csv"
     retrain = (manifest_path, metrics_path, *tables)  # the train rule's outputs: deleting them reruns the cell
     problems = []
@@ -130,6 +146,9 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
         if why:
             problems.append(Problem(metrics_path, why, retrain))
     for path in sorted((run_dir / "probe").glob("*.h5")) if (run_dir / "probe").is_dir() else ():
+        if layout.probe_file_busy(path):
+            print(f"qkrank verify: {path} is open in another process (locked); not checked", file=sys.stderr)
+            continue
         why = probe_problem(path, deep=hashes)
         if why:
             problems.append(Problem(path, why, (path, *tables)))
@@ -139,27 +158,9 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
 # ---------------------------------------------------------------- probe files and tables
 
 def probe_problem(path: Path, deep: bool = False) -> str | None:
-    """Why a probe HDF5 file cannot be trusted (unreadable, no ``complete`` attribute), or None; ``deep`` also
-    reads every dataset, which catches damage to its metadata and to gzip-compressed data (zlib checksums)."""
-    try:
-        from qkrank.probe import probe_file_problem
-    except ImportError:  # an older probe module: the same two checks, here
-        probe_file_problem = None
-    import h5py
-
-    if probe_file_problem is not None:
-        why = probe_file_problem(path)
-        if why is not None:
-            return why.removeprefix(f"{path}: ")
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete", False):
-                return "incomplete probe file (no 'complete' attribute)"
-            if deep:
-                f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        return f"unreadable HDF5, truncated or corrupt ({type(e).__name__}: {e})"
-    return None
+    """Why a probe HDF5 file cannot be trusted (layout's one check, without the path prefix), or None."""
+    why = layout.probe_file_problem(path, deep=deep)
+    return None if why is None else why.removeprefix(f"{path}: ")
 
 
 def csv_problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
@@ -210,34 +211,18 @@ def check_results(results: Path, hashes: bool = False) -> list[Problem]:
     return problems + check_tables(results / "tables")
 
 
-def fix(problems: list[Problem]) -> list[Path]:
-    """Delete every file that must be regenerated; returns the paths deleted."""
+def fix(problems: list[Problem], results: Path | None = None) -> list[Path]:
+    """Delete every file that must be regenerated, and rebuild damaged token data of ``results`` in place;
+    returns the paths deleted or rebuilt."""
     deleted = []
     for problem in problems:
         for path in problem.remove:
             if path.exists() and path not in deleted:
                 path.unlink()
                 deleted.append(path)
+    if results is not None and any(p.rebuild_data for p in problems):
+        deleted.append(rebuild_data(results))
     return deleted
-
-
-def clean_corrupt(results: Path, log=None) -> list[Problem]:
-    """Parse-time pass: token-shard sizes and probe-file headers only; corrupt ones are deleted and logged.
-
-    A deleted shard is rebuilt when a job reads the data again; a deleted probe file takes the aggregate's
-    outputs with it, so the next run re-probes and re-aggregates."""
-    results = Path(results)
-    problems = check_data(results / "data")
-    for path in sorted(results.glob("runs/*/*/*/seed*/probe/*.h5")):
-        why = probe_problem(path)
-        if why:
-            problems.append(Problem(path, why, (path, *aggregate_outputs(results))))
-    for problem in problems:
-        existing = ", ".join(str(p) for p in problem.remove if p.exists())
-        message = f"qkrank: corrupt file {problem}; deleting {existing} so that it is rebuilt"
-        (log or (lambda m: warnings.warn(m, stacklevel=2)))(message)
-    fix(problems)
-    return problems
 
 
 # ---------------------------------------------------------------- inputs checked before any job
@@ -258,7 +243,7 @@ def preflight(config: dict, workdir: Path | None = None) -> None:
     if data["source"] != "files":
         return
     for pattern in data["files"]["paths"]:
-        matches = [m for m in _matches(workdir, pattern) if m.exists()]
+        matches = [m for m in corpus_matches(workdir, pattern) if m.exists()]
         if not matches:
             raise ConfigError(f"config field 'data.files.paths': no file matches {pattern!r} (relative to "
                               f"{workdir}); give existing {data['files']['format']} files or globs")
@@ -267,7 +252,7 @@ def preflight(config: dict, workdir: Path | None = None) -> None:
                 raise ConfigError(f"config field 'data.files.paths': {path} is empty; the corpus needs text")
 
 
-def _matches(workdir: Path, pattern: str) -> list[Path]:
+def corpus_matches(workdir: Path, pattern: str) -> list[Path]:
     """Paths a corpus pattern names, relative to ``workdir`` unless absolute (as the data stage reads them)."""
     if not any(c in pattern for c in "*?["):
         return [workdir / pattern]
@@ -303,8 +288,8 @@ def main(argv=None) -> None:
               f"{' (sha256 included)' if args.hashes else ''}")
         return
     if args.fix:
-        for path in fix(problems):
-            print(f"deleted {path}")
+        for path in fix(problems, args.results):
+            print(f"rebuilt {path}" if path.is_dir() else f"deleted {path}")
         print(f"qkrank verify: {len(problems)} bad file(s) removed; run snakemake again to regenerate them")
         return
     sys.exit(f"qkrank verify: {len(problems)} bad file(s); rerun with --fix to delete them for regeneration")

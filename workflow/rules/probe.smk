@@ -1,48 +1,18 @@
-def probe_forced(path):
-    forced = workflow.dag_settings
-    return forced.forceall or "probe" in forced.forcerun or path in forced.forcerun or (
-        forced.forcetargets and path in forced.targets)
-
-
-def snapshot_input(wildcards):
-    """What a probe reads: a freed snapshot's temp file (so that it is deleted once probed) and its segment
-    record, a kept one's record, or train.json (the final snapshot, and runs from before segments)."""
-    settings, tokens = settings_of(wildcards), int(wildcards.tokens)
-    run = RUN.format(**dict(wildcards.items()))
-    record, manifest = f"{run}/segments/{tokens}.json", f"{run}/train.json"
-    if tokens == settings["train"]["total_tokens"] or (
-            not os.path.exists(record) and os.path.exists(f"{run}/snapshots/{tokens}.pt")):
-        return [manifest]
-    if tokens in qconfig.kept_snapshot_tokens(settings):
-        return [record]
-    temp = f"{run}/snapshots/temp/{tokens}.pt"
-    probe_file = f"{run}/probe/{tokens}.h5"
-    # A finished cell whose probe must run again but whose snapshot was freed: stop before any job runs (and
-    # before Snakemake deletes the probe file it was asked to redo), saying how to retrain the cell, where
-    # Snakemake would otherwise retrain it silently, segment by segment. Snakemake drops an input function's
-    # error when the file exists (`--forcerun probe`), hence the log line too.
-    if (os.path.exists(manifest) and not os.path.exists(temp)
-            and (not os.path.exists(probe_file) or probe_forced(probe_file))):
-        message = qsnapshots.freed_message(Path(run), tokens, settings)
-        if message not in FREED_REPORTED:
-            FREED_REPORTED.add(message)
-            logger.error(f"cannot re-probe: {message}")
-        raise WorkflowError(message)
-    return [temp, record]
-
-
-FREED_REPORTED = set()
-
-
+# One probe job per snapshot; its input (common.smk: snapshot_input) is the snapshot's temp file when it is
+# freed after probing, so Snakemake deletes it once the probe file is complete.
 rule probe:
     input:
         snapshot=snapshot_input,
-        data=f"{DATA}/manifest.json",
-        settings=f"{RUN}/settings.json",
+        data=data_manifest(),
+        settings=f"{RUN}/{layout.RUN_FILES['settings']}",
+        runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
     output:
-        f"{RUN}/probe/{{tokens}}.h5",
+        f"{RUN}/{layout.PROBE_FILE}",
+    wildcard_constraints:
+        optimizer="muon|adamw",
     params:
-        run_dir=RUN,
+        data=input_dir("data"),
+        run_dir=input_dir("settings"),
     log:
         f"{RESULTS}/logs/probe/{CELL_LOG}/{{tokens}}.log",
     benchmark:
@@ -50,6 +20,8 @@ rule probe:
     threads: cell_resource("probe", "cpus")
     resources:
         **{name: cell_resource("probe", key) for name, key in JOB_RESOURCES.items()},
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m qkrank.probe --settings {input.settings} --data {DATA} --run-dir {params.run_dir}"
-        " --tokens {wildcards.tokens} --out {output} > {log} 2>&1"
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.probe --settings {input.settings:q} --data {params.data:q}'
+        " --run-dir {params.run_dir:q} --tokens {wildcards.tokens} --out {output:q}"

@@ -5,10 +5,13 @@ ruleorder: probe_hf > probe
 
 rule probe_hf:
     input:
-        data=f"{DATA}/manifest.json",
-        settings=f"{RUN}/settings.json",
+        data=data_manifest(),
+        settings=f"{RUN}/{layout.RUN_FILES['settings']}",
+        runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
     output:
-        f"{RUN}/probe/{{tokens}}.h5",
+        f"{RUN}/{layout.PROBE_FILE}",
+    params:
+        data=input_dir("data"),
     wildcard_constraints:
         optimizer="pretrained",
         seed="0",
@@ -19,6 +22,8 @@ rule probe_hf:
     threads: cell_resource("probe", "cpus")
     resources:
         **{name: cell_resource("probe", key) for name, key in JOB_RESOURCES.items()},
+    conda:
+        "../../environment.yml"
     shell:
-        "{PY} -m qkrank.probe_hf --settings {input.settings} --data {DATA} --tokens {wildcards.tokens}"
-        " --out {output} > {log} 2>&1"
+        'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- -m qkrank.probe_hf --settings {input.settings:q} --data {params.data:q}'
+        " --tokens {wildcards.tokens} --out {output:q}"

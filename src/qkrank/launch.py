@@ -1,0 +1,103 @@
+"""How the workflow starts every job: ``python -m qkrank.launch --log LOG -- ARGS...``.
+
+Runs ``sys.executable ARGS...`` (the interpreter that runs this module, which the workflow takes from the
+one running Snakemake) with stdout and stderr in LOG, and:
+
+- keeps every attempt's log: Snakemake deletes LOG before each attempt, so LOG is also hard-linked to
+  ``<LOG stem>.attempt<N>.log`` (no extra space), which survives the retry;
+- dies with its Snakemake: Linux sends SIGTERM to the job when its parent dies (``PR_SET_PDEATHSIG``), so a
+  kill -9 of snakemake alone leaves no training running without a parent (training checkpoints on SIGTERM);
+- forwards SIGTERM and SIGUSR1 to the job (Ctrl-C's SIGINT reaches it from the terminal directly) and exits
+  with its exit status (75: preempted, retry);
+- on failure, ends LOG and stderr with one line naming the cause: ``no space left on device: <dir>``, a
+  GPU asked for where there is none, or the last line of the job's traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+LOW_SPACE_BYTES = 64 << 20
+DISK_FULL = re.compile(r"No space left on device|Errno 28|ENOSPC")
+# What a full disk looks like when torch's zip writer or h5py hit it first.
+MAYBE_DISK_FULL = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed|Can't write data")
+NO_GPU = re.compile(r"'cuda' requested but CUDA is not available|Torch not compiled with CUDA|no CUDA GPUs are "
+                    r"available|Found no NVIDIA driver")
+
+
+def die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent process dies; nothing elsewhere (no such call)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def keep_attempt(log: Path) -> Path | None:
+    """Hard-link ``log`` to the next free ``<stem>.attempt<N>.log``; None where the file system has no links."""
+    n = 1
+    while (attempt := log.with_name(f"{log.stem}.attempt{n}{log.suffix}")).exists():
+        n += 1
+    try:
+        os.link(log, attempt)
+    except OSError:
+        return None
+    return attempt
+
+
+def cause(log_text: str, where: Path) -> str:
+    """One line naming why a job failed, from its log."""
+    free = shutil.disk_usage(where).free
+    if DISK_FULL.search(log_text) or (MAYBE_DISK_FULL.search(log_text) and free < LOW_SPACE_BYTES):
+        return f"no space left on device: {where.resolve()} ({free:,} bytes free); free space and rerun"
+    gpu = NO_GPU.search(log_text)
+    if gpu:
+        return (f"a GPU was requested but this machine has none ({gpu.group(0)}); set train.device / probe.device "
+                f"to 'auto' or 'cpu', or run on a GPU node")
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qkrank.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--log", required=True, type=Path, help="the job's log (appended)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the interpreter's arguments")
+    args = parser.parse_args(argv)
+    command = [sys.executable, *(args.args[1:] if args.args[:1] == ["--"] else args.args)]
+    die_with_parent()
+    parent = os.getppid()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.log, "ab") as log:
+        start = log.tell()  # this attempt's output begins here
+        keep_attempt(args.log)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            return 1
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        for sig in FORWARDED:
+            signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        status = child.wait()
+    if status != 0:
+        with open(args.log, "rb") as log:
+            log.seek(max(start, log.seek(0, os.SEEK_END) - 20000))
+            tail = log.read().decode(errors="replace")
+        line = f"qkrank: {' '.join(command[1:3])} failed (exit {status}): {cause(tail, args.log.parent)}"
+        with open(args.log, "a") as log:
+            print(line, file=log)
+        print(line, file=sys.stderr)
+    return status if status >= 0 else 128 - status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
