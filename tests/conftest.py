@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,27 @@ def micro_config(**overrides) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def copy_project(dest: Path, config: dict | None = None) -> Path:
+    """A copy of the project as a user has it (Snakefile, config.yaml, environment.yml, profiles, workflow, src,
+    configs) in ``dest``; ``config`` replaces its config.yaml."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "config.yaml", "environment.yml"):
+        shutil.copy2(REPO / name, dest / name)
+    for folder in ("workflow", "src", "profiles", "configs"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=ignore)
+    if config is not None:
+        write_config(dest / "config.yaml", config)
+    return dest
+
+
+def train_log(results: Path, cell_id: str) -> str:
+    """A cell's whole training log: its segments' logs in token order, then the last segment's (rule train)."""
+    logs = results / "logs" / "train"
+    segments = sorted((logs / cell_id).glob("*.log"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+    return "".join(p.read_text() for p in [*segments, logs / f"{cell_id}.log"] if p.is_file())
 
 
 def env_with_src() -> dict:

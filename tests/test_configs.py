@@ -91,7 +91,7 @@ def test_a_multi_process_cell_launches_with_torchrun_in_one_job(dry_runs):
     train_jobs = [block for block in re.split(r"\n(?=\[)", proc.stdout) if "\nrule train:" in block]
     assert len(train_jobs) == 3
     for block in train_jobs:
-        assert "torchrun --standalone --nproc_per_node=2 -m qkrank.train" in block
+        assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m qkrank.train" in block
         assert re.search(r"resources:.*\bgpu=2\b", block)  # the SLURM plugin's --gpus=2 for the one job
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import REPO, env_with_src, micro_config, run_snakemake, write_config
+from conftest import REPO, env_with_src, micro_config, run_snakemake, train_log, write_config
 
 from qkrank import checkpoint, verify
 from qkrank.data import sha256_file
@@ -256,7 +256,7 @@ def test_nan_mid_training_stops_that_cell_naming_the_step_while_others_finish(mi
     proc = subprocess.run(snakemake_cmd(tmp_path, configfile, *targets) + ["--keep-going"], capture_output=True,
                           text=True, env=env)
     assert proc.returncode != 0
-    log = (tmp_path / "results" / "logs" / "train" / f"{CELL}.log").read_text()
+    log = train_log(tmp_path / "results", CELL)
     assert "training loss is nan at step 5" in log, log[-2000:]
     assert not (runs / CELL / "train.json").exists()
     # metrics.csv is rewritten at every snapshot point (readable during the run): it ends at the last good one

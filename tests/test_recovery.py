@@ -22,6 +22,7 @@ import h5py
 import psutil
 import pytest
 from conftest import REPO, micro_config, write_config
+from conftest import copy_project as conftest_copy_project
 
 from qkrank import checkpoint, launch
 from qkrank import verify as qverify
@@ -42,14 +43,16 @@ RUN, UNLOCK = readme_command("run-command"), readme_command("unlock-command")
 
 def copy_project(dest: Path, **overrides) -> Path:
     """The project (Snakefile, profiles, workflow, src) with the micro study as its config.yaml."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
     dest.mkdir(parents=True)
-    for name in ("Snakefile", "environment.yml"):
-        shutil.copy2(REPO / name, dest / name)
-    for folder in ("workflow", "src", "profiles"):
-        shutil.copytree(REPO / folder, dest / folder, ignore=ignore)
-    write_config(dest / "config.yaml", micro_config(**overrides))
-    return dest
+    return conftest_copy_project(dest, study_config(**overrides))
+
+
+def study_config(**overrides) -> dict:
+    """The micro study keeping every snapshot, so a damaged probe file can be re-probed and every snapshot
+    compared after a kill."""
+    cfg = micro_config(**overrides)
+    cfg["scales"]["tiny"]["train"]["keep_snapshots"] = "all"
+    return cfg
 
 
 def user_env(path_has_venv: bool = True) -> dict:
@@ -224,7 +227,7 @@ def _jobs(proc: subprocess.Popen) -> list[psutil.Process]:
 def test_runtime_knobs_retrain_nothing(reference, tmp_path):
     project = tmp_path / "knobs"
     shutil.copytree(reference, project, symlinks=True)
-    cfg = micro_config()
+    cfg = study_config()
     tiny = cfg["scales"]["tiny"]
     tiny["resources"] = {"train": {"runtime": 120, "cpus": 2, "mem_mb": 9000, "slurm_partition": "gpu"},
                          "probe": {"runtime": 30}}
@@ -291,8 +294,10 @@ def test_corpus_files_are_inputs_of_the_data_rule(tmp_path):
     assert "Nothing to be done" in plan()
     with open(project / "corpus" / "07.txt", "a") as f:  # edited
         f.write("one more line\n")
-    later = time.time() + 5
-    os.utime(project / "corpus" / "07.txt", (later, later))
+    # The data made before is older than the edit (not the edit in the future: Snakemake calls that clock skew).
+    earlier = time.time() - 100
+    for made in (project / "results" / "data").iterdir():
+        os.utime(made, (earlier, earlier))
     out = plan()
     assert "rule data:" in out and "corpus/07.txt" in out, out[-2000:]
     ok(shell(f"snakemake --cores 1 {target}", project))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import env_with_src, micro_config, run_snakemake, write_config
+from conftest import env_with_src, micro_config, run_snakemake, train_log, write_config
 
 import qkrank.train as train
 from qkrank import checkpoint, runtime
@@ -241,6 +241,6 @@ def test_workflow_rerun_after_a_killed_train_job_resumes_to_the_same_result(tmp_
     run_dir = tmp_path / "results" / "runs" / CELL
     assert [checkpoint.tokens_of(p) for p in checkpoint.list_checkpoints(run_dir / "resume")] == [512, 1024]
     run_snakemake(tmp_path, configfile, target)
-    log = (tmp_path / "results" / "logs" / "train" / f"{CELL}.log").read_text()
+    log = train_log(tmp_path / "results", CELL)
     assert f"resumed from results/runs/{CELL}/resume/1024.pt at 1,024 tokens" in log, log[-2000:]
     assert_same_run(clean_run, run_dir)

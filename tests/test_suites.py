@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 import h5py  # noqa: E402
 import torch  # noqa: E402
-from conftest import MICRO_CONFIG, REPO, run_snakemake, write_config  # noqa: E402
+from conftest import MICRO_CONFIG, REPO, copy_project, run_snakemake, write_config  # noqa: E402
 from tiny_suites import NEOX_REVISIONS, OLMO2_REVISIONS, build_suite, neox_config, olmo2_config  # noqa: E402
 
 from qkrank import config as qconfig  # noqa: E402
-from qkrank import probe_hf, suites  # noqa: E402
+from qkrank import layout, probe_hf, suites  # noqa: E402
 from qkrank.rank import pr  # noqa: E402
 
 NEOX_TOKENS_PER_STEP = 1000
@@ -214,7 +213,8 @@ def test_probe_file_layout_and_pr_recomputed_with_numpy(micro_suite_data, tmp_pa
     heads = {"q": 4, "k": 2 if olmo else 4}
     with h5py.File(out) as f:
         a = dict(f.attrs)
-        assert a["complete"] and a["schema_version"] == 1 and a["cell"] == cell_id and a["tokens_seen"] == tokens
+        assert a["complete"] and a["schema_version"] == layout.PROBE_SCHEMA_VERSION
+        assert a["cell"] == cell_id and a["tokens_seen"] == tokens
         assert a["hf_revision"] == settings["schedule"][-1]["revision"] and a["n_probe_tokens"] == 256
         assert (a["n_layers"], a["n_heads"], a["n_kv_heads"], a["head_dim"]) == (2, 4, heads["k"], 16)
         assert a["rotary_dims"] == (16 if olmo else 4) and a["activations_saved"]
@@ -253,15 +253,6 @@ def test_probe_batch_is_the_study_corpus_in_the_models_tokenizer(micro_suite_dat
 
 
 # -------------------------------------------------------------------------------------------- workflow
-
-
-def copy_project(root: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
-    shutil.copy2(REPO / "Snakefile", root / "Snakefile")
-    shutil.copy2(REPO / "config.yaml", root / "config.yaml")
-    for folder in ("workflow", "src", "configs"):
-        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
-    return root
 
 
 @pytest.mark.slow

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO, env_with_src, micro_config, run_snakemake, write_config
+from conftest import copy_project, env_with_src, micro_config, run_snakemake, write_config
 
 from qkrank.verdict import PAIRS
 
@@ -25,12 +24,7 @@ NEW_FIGURES = ("paired_effects", "gamma_pr", "gamma_dims", "depth_pr", "weight_p
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("three_seeds")
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
-    shutil.copy2(REPO / "Snakefile", root / "Snakefile")
-    shutil.copy2(REPO / "config.yaml", root / "config.yaml")
-    for folder in ("workflow", "src"):
-        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    root = copy_project(tmp_path_factory.mktemp("three_seeds"))
     cfg = micro_config()
     cfg["grid"]["seeds"] = SEEDS
     write_config(root / "micro3.yaml", cfg)

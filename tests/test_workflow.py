@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, env_with_src, micro_config, run_snakemake, write_config
+from conftest import copy_project, env_with_src, micro_config, run_snakemake, write_config
 
 from qkrank import config as qconfig
 from qkrank.figures import FIGURES
@@ -41,13 +40,7 @@ def rerun_config(**overrides) -> dict:
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
     """A copy of the project with the micro study run in it once."""
-    root = tmp_path_factory.mktemp("project")
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake", "results")
-    shutil.copy2(REPO / "Snakefile", root / "Snakefile")
-    shutil.copy2(REPO / "config.yaml", root / "config.yaml")
-    shutil.copy2(REPO / "environment.yml", root / "environment.yml")
-    for folder in ("workflow", "src", "profiles"):
-        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    root = copy_project(tmp_path_factory.mktemp("project"))
     write_config(root / "micro.yaml", rerun_config())
     run_snakemake(root, root / "micro.yaml", snakefile=root / "Snakefile")
     return root

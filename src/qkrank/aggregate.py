@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from qkrank.layout import AGGREGATE_CODE as CODE  # noqa: F401  (the workflow's code inputs)
-from qkrank.layout import AGGREGATE_OUTPUTS as OUTPUTS
+from qkrank.layout import AGGREGATE_OUTPUTS as OUTPUTS  # noqa: F401  (read by tests and docs)
 from qkrank.layout import MARKDOWN_NAMES, TABLE_NAMES  # noqa: F401
 
 
@@ -32,7 +32,7 @@ def build_tables(config: dict, frames: dict) -> dict:
     per_seed = t.per_seed_summary(kpr, frames["losses"])
     gcv = t.gamma_cv(frames["gamma"])
     marks = t.marks_per_seed(frames["probes"], frames["losses"],
-                             t.resolve_marks(agg["marks_tokens"], frames["checkpoints"], agg.get("marks_from", ())), site)
+                             t.resolve_marks(agg["marks_tokens"], frames["checkpoints"], agg["marks_from"]), site)
     marks_long = t.marks_table(marks, level)
     found = compare.scenarios(compare.compared_values(per_seed, marks), level, agg["verdict_margin"],
                               agg["verdict_alpha"])

@@ -25,7 +25,10 @@ def probe_path(results: Path, cell: qconfig.Cell, tokens: int) -> Path:
 
 IDENT_COLUMNS = CELL_COLUMNS + ["tokens_seen"]
 FRAME_COLUMNS = {
-    "probes": IDENT_COLUMNS + ["layer", "head", "tensor", "site", *METRICS, "top_energy_share"],
+    # pr pools n = pr_n vectors per head; pr_seq is the mean of one PR per probe sequence, n = pr_seq_n (seq_len);
+    # the weight site's n is d_model and it has no pr_seq (docs/hdf5.md).
+    "probes": IDENT_COLUMNS + ["layer", "head", "tensor", "site", *METRICS, "pr_seq", "pr_n", "pr_seq_n",
+                               "top_energy_share"],
     "gamma": IDENT_COLUMNS + ["layer", "tensor", "dim", "gamma"],
     "spectra": IDENT_COLUMNS + ["layer", "depth", "tensor", "head", "index", "sv", "sv_normalized"],
     "dim_energy": IDENT_COLUMNS + ["layer", "tensor", "site", "dim", "energy"],
@@ -43,7 +46,7 @@ def _frame(columns: dict[str, list[np.ndarray]], ident: dict) -> pd.DataFrame:
 def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                spectrum_site: str = "roped") -> dict[str, pd.DataFrame]:
     """One probe file → metric rows (per head), γ rows (per entry) and, given ``depths``, normalised spectra."""
-    from qkrank.probe import SCHEMA_VERSION as PROBE_SCHEMA_VERSION  # the probe module imports torch
+    from qkrank.layout import PROBE_SCHEMA_VERSION
 
     if not Path(path).is_file():
         raise AggregateError(f"{path}: probe file is missing; run the workflow to probe this checkpoint")
@@ -78,6 +81,11 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                     metric_cols["site"].append(np.full(heads, site))
                     for m in METRICS:
                         metric_cols[m].append(np.asarray(group[m][()], dtype=float))
+                    has_seq = "pr_seq" in group
+                    metric_cols["pr_seq"].append(np.asarray(group["pr_seq"][()], dtype=float) if has_seq
+                                                 else np.full(heads, np.nan))
+                    metric_cols["pr_n"].append(np.full(heads, int(group["pr"].attrs.get("n", -1))))
+                    metric_cols["pr_seq_n"].append(np.full(heads, int(group["pr_seq"].attrs["n"]) if has_seq else -1))
                     metric_cols["top_energy_share"].append(top_energy_share(sv, top_fraction))
                     if layer in spectrum_layers and site == spectrum_site:
                         d = sv.shape[1]

@@ -12,9 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from qkrank import suites
-
-from qkrank import verdict
+from qkrank import suites, verdict
 from qkrank.collect import CELL_COLUMNS
 from qkrank.figures.labels import ordered
 from qkrank.tables import SUMMARY_ROWS
@@ -33,7 +31,8 @@ def compared_values(per_seed: pd.DataFrame, marks_per_seed: pd.DataFrame) -> pd.
     whole["mark_tokens"] = pd.NA
     marks = marks_per_seed.melt(id_vars=CELL_COLUMNS + ["mark_tokens"], value_vars=list(MARK_COMPARED),
                                 var_name="quantity")
-    out = pd.concat([whole, marks], ignore_index=True)
+    # A quantity the probe files do not hold (per-sequence PR of a public suite's files) is not compared.
+    out = pd.concat([whole, marks], ignore_index=True).dropna(subset=["value"]).reset_index(drop=True)
     out["mark_tokens"] = out["mark_tokens"].astype("Int64")
     return out
 

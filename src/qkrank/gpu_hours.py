@@ -82,7 +82,7 @@ def study_rows(config: dict, mfu: float = DEFAULT_MFU) -> list[dict]:
     groups: dict[str, dict] = {}
     for cell in qconfig.cells(config):
         settings = qconfig.cell_settings(config, cell)
-        if qconfig.is_hf_scale(settings):  # a public suite: nothing to train (its probe cost: configs/public_suites.yaml header)
+        if qconfig.is_hf_scale(settings):  # a public suite: nothing to train (probe cost: public_suites.yaml header)
             continue
         plan = cell_plan(settings, mfu)
         key = json.dumps(plan, sort_keys=True)

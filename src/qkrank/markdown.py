@@ -102,8 +102,15 @@ def summary_markdown(summary: pd.DataFrame, level: float, paired: pd.DataFrame |
             cells += [_pair_cell(pair_row(quantity, None, a, b), 2 if "pr" in quantity else 3) for a, b in pairs]
             rows.append([SUMMARY_LABELS[quantity]] + cells)
         note = _interval_note(int(block.n_seeds.min()), level)
-        parts.append("\n".join([f"**{scale}, {optimizer}** ({note}; key PR at the configured site; the minimum's "
-                                f"token count is that of the seed-averaged trajectory). {_mode_legend(modes)}."
+        sample = {d: int(block.loc[block.pr_definition == d, "pr_sample_n"].max()) for d in ("pooled", "per-sequence")
+                  if (block.pr_definition == d).any()} if "pr_definition" in block else {}
+        sizes = f"; PR rows: pooled over the probe batch, n = {sample['pooled']:,} key vectors per head" \
+            if "pooled" in sample else ""
+        if sample.get("per-sequence", -1) > 0:
+            sizes += f"; 'per sequence' rows: the mean of one PR per probe sequence, n = {sample['per-sequence']:,}"
+        legend = _mode_legend(modes)
+        parts.append("\n".join([f"**{scale}, {optimizer}** ({note}; key PR at the configured site{sizes}; the "
+                                f"minimum's token count is that of the seed-averaged trajectory). {legend}."
                                 f"{_pair_note(paired if pairs else None)}", "",
                                 *table(["Metric"] + modes + [f"{a} − {b}" for a, b in pairs], rows)]))
     return "\n\n".join(parts) + "\n"

@@ -29,13 +29,15 @@ def seed_bands(frame: pd.DataFrame, keys: list[str], value: str, level: float) -
 
 def mean_pr(probes: pd.DataFrame) -> pd.DataFrame:
     """Per cell, tokens, tensor and site: each metric averaged over layers and heads (the seeds' "mean PR")."""
-    out = probes.groupby(CELL_COLUMNS + ["tokens_seen", "tensor", "site"], as_index=False)[list(METRICS)].mean()
-    return out.rename(columns={m: f"mean_{m}" for m in METRICS})
+    keys = CELL_COLUMNS + ["tokens_seen", "tensor", "site"]
+    out = probes.groupby(keys, as_index=False)[[*METRICS, "pr_seq"]].mean()
+    sizes = probes.groupby(keys, as_index=False)[["pr_n", "pr_seq_n"]].first()
+    return out.rename(columns={m: f"mean_{m}" for m in [*METRICS, "pr_seq"]}).merge(sizes, on=keys)
 
 
 def key_mean_pr(mpr: pd.DataFrame, site: str) -> pd.DataFrame:
     sel = mpr[(mpr.tensor == "k") & (mpr.site == site)]
-    return sel[CELL_COLUMNS + ["tokens_seen", "mean_pr"]].reset_index(drop=True)
+    return sel[CELL_COLUMNS + ["tokens_seen", "mean_pr", "mean_pr_seq", "pr_n", "pr_seq_n"]].reset_index(drop=True)
 
 
 def layer_pr(probes: pd.DataFrame, site: str, level: float) -> pd.DataFrame:
@@ -86,9 +88,12 @@ def final_val_loss(log: pd.DataFrame) -> float:
 
 # ------------------------------------------------------------------------------------ seed 004 summary
 
-SUMMARY_ROWS = ("initial_mean_pr", "minimum_mean_pr", "final_mean_pr", "final_train_loss", "final_val_loss")
+SUMMARY_ROWS = ("initial_mean_pr", "minimum_mean_pr", "final_mean_pr", "initial_mean_pr_seq", "final_mean_pr_seq",
+                "final_train_loss", "final_val_loss")
 SUMMARY_LABELS = {"initial_mean_pr": "Initial mean PR", "minimum_mean_pr": "Minimum mean PR",
-                  "final_mean_pr": "Final mean PR", "final_train_loss": "Final train loss",
+                  "final_mean_pr": "Final mean PR",
+                  "initial_mean_pr_seq": "Initial mean PR per sequence",
+                  "final_mean_pr_seq": "Final mean PR per sequence", "final_train_loss": "Final train loss",
                   "final_val_loss": "Final val loss"}
 
 
@@ -103,6 +108,8 @@ def per_seed_summary(kpr: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(zip(CELL_COLUMNS, key, strict=True)) | {
             "initial_mean_pr": traj.mean_pr.iloc[0], "minimum_mean_pr": traj.mean_pr.min(),
             "tokens_at_minimum": int(traj.tokens_seen[i_min]), "final_mean_pr": traj.mean_pr.iloc[-1],
+            "initial_mean_pr_seq": traj.mean_pr_seq.iloc[0], "final_mean_pr_seq": traj.mean_pr_seq.iloc[-1],
+            "pr_n": int(traj.pr_n.iloc[0]), "pr_seq_n": int(traj.pr_seq_n.iloc[0]),
             "final_tokens": int(traj.tokens_seen.iloc[-1]),
             "final_train_loss": np.nan if log is None else final_train_loss(log),
             "final_val_loss": np.nan if log is None else final_val_loss(log)})
@@ -118,6 +125,14 @@ def summary_table(per_seed: pd.DataFrame, kpr: pd.DataFrame, level: float) -> pd
     at_min = averaged.loc[averaged.groupby(GROUP_COLUMNS).mean_pr.idxmin(), GROUP_COLUMNS + ["tokens_seen"]]
     out = out.merge(at_min.rename(columns={"tokens_seen": "tokens_at_minimum"}), on=GROUP_COLUMNS, how="left")
     out.loc[out.quantity != "minimum_mean_pr", "tokens_at_minimum"] = np.nan
+    # The sample size behind each PR row: pooled vectors per head, or one probe sequence (docs/hdf5.md).
+    sizes = per_seed.groupby(GROUP_COLUMNS, as_index=False)[["pr_n", "pr_seq_n"]].first()
+    out = out.merge(sizes, on=GROUP_COLUMNS, how="left")
+    out["pr_definition"] = np.where(out.quantity.str.endswith("_pr_seq"), "per-sequence",
+                                    np.where(out.quantity.str.contains("_pr"), "pooled", ""))
+    out["pr_sample_n"] = np.where(out.pr_definition == "per-sequence", out.pr_seq_n,
+                                  np.where(out.pr_definition == "pooled", out.pr_n, -1))
+    out = out.drop(columns=["pr_n", "pr_seq_n"])
     out["tokens_at_minimum"] = out["tokens_at_minimum"].astype("Int64")
     rank = out.quantity.map({q: i for i, q in enumerate(SUMMARY_ROWS)})  # the seed's row order
     return out.assign(rank=rank).sort_values(["scale", "optimizer", "rank"], kind="stable").drop(
