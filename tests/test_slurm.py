@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, env_with_src, micro_config, run_snakemake, write_config
+from conftest import REPO, env_with_src, micro_config, run_snakemake, train_log, write_config
 
 from qkrank import config as qconfig
 from qkrank.data import prepare
@@ -196,10 +196,9 @@ def test_micro_study_on_slurm_equals_the_local_run(runs):
 
 def test_training_killed_at_its_time_limit_resumes_on_retry(runs):
     workdir, proc = runs["timeout_dir"], runs["timeout_proc"]
-    train_log = workdir / "results" / "logs" / "train" / f"{CELL}.log"
     resumed, deadline = None, time.monotonic() + 300
     while True:
-        text = train_log.read_text() if train_log.exists() else ""
+        text = train_log(workdir / "results", CELL)  # the cell's segments' logs and the last one's
         if m := re.search(r"resumed from (\S+) at ([\d,]+) tokens", text):
             resumed = (m[1], int(m[2].replace(",", "")))
             break

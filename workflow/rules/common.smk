@@ -224,7 +224,12 @@ REPORT_DIR = os.path.relpath(Path(workflow.basedir) / "workflow" / "report")
 # A cell trains in segments, one job per snapshot point T (`qkrank.train --until T`), each resuming from the
 # previous one's resume state, so every snapshot is probed while training goes on and, as a temp() output,
 # deleted once its probe file is complete (train.keep_snapshots: docs/cluster.md, Disk). segments/{T}.json
-# records each snapshot (sha256) and orders the segments; rule `train` is the last segment.
+# records each snapshot (sha256) and orders the segments; rule `train` is the last segment. With
+# keep_snapshots: all nothing is freed, so a cell is one training job that writes every snapshot.
+def segmented(settings):
+    return settings["train"]["keep_snapshots"] != "all"
+
+
 def previous_segment(wildcards, tokens=None):
     marks = qconfig.checkpoint_tokens(settings_of(wildcards))
     index = marks.index(int(wildcards.tokens) if tokens is None else tokens)
@@ -233,11 +238,14 @@ def previous_segment(wildcards, tokens=None):
 
 
 def last_segment_input(wildcards):
-    return previous_segment(wildcards, settings_of(wildcards)["train"]["total_tokens"])
+    settings = settings_of(wildcards)
+    return previous_segment(wildcards, settings["train"]["total_tokens"]) if segmented(settings) else []
 
 
-def total_tokens(wildcards):
-    return settings_of(wildcards)["train"]["total_tokens"]
+def until_args(wildcards):
+    """The last segment's --until (none for a whole run)."""
+    settings = settings_of(wildcards)
+    return ["--until", str(settings["train"]["total_tokens"])] if segmented(settings) else []
 
 
 def probe_forced(path):
@@ -255,7 +263,7 @@ def snapshot_input(wildcards):
     settings, tokens = settings_of(wildcards), int(wildcards.tokens)
     run = RUN.format(**dict(wildcards.items()))
     record, manifest = f"{run}/segments/{tokens}.json", f"{run}/train.json"
-    if tokens == settings["train"]["total_tokens"] or (
+    if tokens == settings["train"]["total_tokens"] or not segmented(settings) or (
             not os.path.exists(record) and os.path.exists(f"{run}/snapshots/{tokens}.pt")):
         return [manifest]
     if tokens in qconfig.kept_snapshot_tokens(settings):

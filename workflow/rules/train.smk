@@ -40,7 +40,7 @@ rule train:
         launcher=train_launcher,
         data=input_dir("manifest"),
         run_dir=parent_dir("manifest"),
-        total=total_tokens,
+        until=until_args,
     log:
         f"{RESULTS}/logs/train/{CELL_LOG}.log",
     benchmark:
@@ -54,4 +54,4 @@ rule train:
     # checkpoints and exits 75), instead of a shell that dies and orphans it.
     shell:
         'exec "$QKRANK_PYTHON" -m qkrank.launch --log {log:q} -- {params.launcher} -m qkrank.train'
-        " --settings {input.settings:q} --data {params.data:q} --out {params.run_dir:q} --until {params.total}"
+        " --settings {input.settings:q} --data {params.data:q} --out {params.run_dir:q} {params.until:q}"
