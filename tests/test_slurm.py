@@ -116,7 +116,8 @@ def runs(cluster, tmp_path_factory):
     # Far more tokens than a minute allows on any machine; snapshots only at 0 and the end, so a resume
     # from any other point can only come from the checkpoint written on SIGTERM.
     long["scales"]["tiny"]["train"] |= {"total_tokens": 256 * 10**6, "checkpoint_every_tokens": 256 * 10**6,
-                                        "val_every_tokens": 256 * 10**6}
+                                        "val_every_tokens": 256 * 10**6,
+                                        "keep_snapshots": "all"}  # one training job: the first to time out
     long["scales"]["tiny"]["resources"] = {"train": {"mem_mb": 500, "runtime": 1}}
     timeout_cfg = write_config(timeout_dir / "study.yaml", long)
     # Its data is prepared here (a second data job would only wait for a CPU); Snakemake keeps it.
@@ -214,9 +215,12 @@ def test_training_killed_at_its_time_limit_resumes_on_retry(runs):
     assert re.search(r"SLURM status is: 'TIMEOUT'", snakemake_log)
     # The failed attempts' logs as Snakemake shows them (show-failed-logs): what each wrote on SIGTERM.
     # (While the other run kept the machine busy, more than one attempt may have timed out.)
-    checkpointed = [int(n.replace(",", "")) for n in
-                    re.findall(r"resume checkpoint written at ([\d,]+) tokens", snakemake_log)]
-    assert checkpointed and 0 < checkpointed[0] and checkpointed == sorted(checkpointed), checkpointed
+    # Each attempt names its checkpoint in its log and in the launcher's closing line (qkrank.launch), and
+    # each attempt gets further than the one before: one distinct token count per attempt.
+    written = [int(n.replace(",", "")) for n in
+               re.findall(r"resume checkpoint written at ([\d,]+) tokens", snakemake_log)]
+    checkpointed = list(dict.fromkeys(written))
+    assert checkpointed and 0 < checkpointed[0] and checkpointed == sorted(checkpointed), written
     assert len(checkpointed) == sum(s == "TIMEOUT" for s in states)
     path, tokens = resumed
     # Resumed from the checkpoint the last killed attempt wrote on SIGTERM: never from zero.
