@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, micro_config, run_snakemake, write_config
 
 from qkrank import config as qconfig
+from qkrank import identity as identity_mod
 
 
 def test_default_config_is_valid_and_has_three_modes():
@@ -114,9 +115,9 @@ def test_workflow_refuses_bad_config_before_any_job(tmp_path, description, cfg, 
 def test_runtime_fields_exist_in_the_schema_and_split_off_cleanly():
     cfg = qconfig.load(micro_config())
     settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
-    identity, runtime = qconfig.split_runtime(settings)
+    identity, runtime = identity_mod.split_runtime(settings)
     scale_schema = qconfig.load_schema()["$defs"]["scale"]["properties"]
-    for section, keys in qconfig.RUNTIME_FIELDS.items():
+    for section, keys in identity_mod.RUNTIME_FIELDS.items():
         assert section in scale_schema
         for key in keys or ():
             assert key in scale_schema[section]["properties"], f"{section}.{key} is not a schema field"
@@ -128,11 +129,11 @@ def test_runtime_fields_exist_in_the_schema_and_split_off_cleanly():
 def test_cell_settings_file_merges_its_runtime_file(tmp_path):
     cfg = qconfig.load(micro_config())
     settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
-    identity, runtime = qconfig.split_runtime(settings)
+    identity, runtime = identity_mod.split_runtime(settings)
     (tmp_path / "settings.json").write_text(json.dumps(identity))
-    assert qconfig.load_cell_settings(tmp_path / "settings.json") == identity
+    assert identity_mod.load_cell_settings(tmp_path / "settings.json") == identity
     (tmp_path / "runtime.json").write_text(json.dumps(runtime))
-    assert qconfig.load_cell_settings(tmp_path / "settings.json") == settings
+    assert identity_mod.load_cell_settings(tmp_path / "settings.json") == settings
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

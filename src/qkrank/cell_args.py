@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from qkrank import config as qconfig
+from qkrank import identity
 
 
 def settings_from_args(args) -> dict:
     if args.settings:
-        raw = qconfig.load_cell_settings(args.settings)  # settings.json + runtime.json
+        raw = identity.load_cell_settings(args.settings)  # settings.json + runtime.json
         cell = qconfig.Cell.parse(raw["cell"]["id"])
         config = {"grid": {"scales": [cell.scale], "modes": [cell.mode], "optimizers": [cell.optimizer],
                            "seeds": [cell.seed]},

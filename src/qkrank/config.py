@@ -6,7 +6,6 @@ import copy
 import functools
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,44 +224,6 @@ def load_json(path: str | Path) -> dict:
 # ------------------------------------------------------------------ what can change a cell's results
 # Knobs that change how fast or where a job runs, never its numbers. They reach the jobs through
 # runtime.json beside settings.json, which is no rerun trigger: raising a time limit must not retrain.
-# None: the whole section.
-RUNTIME_FIELDS = {"train": ("threads", "keep_resume_checkpoints"), "probe": ("chunk_sequences",), "resources": None}
-
-
-def split_runtime(settings: dict) -> tuple[dict, dict]:
-    """A cell's settings → (identity: what can change its results, runtime: the RUNTIME_FIELDS)."""
-    identity, runtime = copy.deepcopy(settings), {}
-    for section, keys in RUNTIME_FIELDS.items():
-        if keys is None:
-            runtime[section] = identity.pop(section)
-        elif section in identity:  # an hf scale has no train section
-            runtime[section] = {k: identity[section].pop(k) for k in keys if k in identity[section]}
-    return identity, runtime
-
-
-def study_identity(config: dict) -> dict:
-    """The study config without runtime knobs (what config.json holds, so the analysis reruns only when
-    something that can change results changes); loading it fills the knobs back with their defaults."""
-    out = copy.deepcopy(config)
-    out["data"].pop("num_proc", None)
-    for section in (*out["scales"].values(), *out["cell_overrides"].values()):
-        for name, keys in RUNTIME_FIELDS.items():
-            if keys is None:
-                section.pop(name, None)
-            elif isinstance(section.get(name), dict):
-                for key in keys:
-                    section[name].pop(key, None)
-    return out
-
-
-def load_cell_settings(path: str | Path) -> dict:
-    """A cell's settings.json with the runtime.json beside it (if any) merged over it."""
-    path = Path(path)
-    settings = load_json(path)
-    runtime = path.with_name("runtime.json")
-    return deep_merge(settings, load_json(runtime)) if runtime.exists() else settings
-
-
 def load(source: str | Path | dict | None = None) -> dict:
     """Read (path or mapping), validate, fill defaults and check a study config."""
     if source is None:
@@ -300,6 +261,8 @@ def load(source: str | Path | dict | None = None) -> dict:
     # Semantic checks once per distinct settings: each scale that some cell uses as is, and each overridden
     # cell (the only settings the schema pass has not seen whole: an override is partial, so it is checked
     # merged over its scale).
+    from qkrank import study_checks  # imports this module
+
     schema = load_schema()
     plain_scales = dict.fromkeys(c.scale for c in cells(config) if c.id not in config["cell_overrides"])
     distinct = [(f"scales.{scale}", scale, None) for scale in plain_scales]
@@ -314,83 +277,14 @@ def load(source: str | Path | dict | None = None) -> dict:
             _check_hf_scale(where, settings)
         else:
             _check_scale(where, settings)
-            _check_data_fits(config["data"], settings, where)
-    check_paths(config)
-    check_sources(config)
+            study_checks.check_data_fits(config["data"], settings, where)
+    study_checks.check_paths(config)
+    study_checks.check_sources(config)
     trained = {cell: cell_settings(config, cell) for cell in cells(config)
                if not is_hf_scale(config["scales"][cell.scale])}
-    check_depths(config, trained)
-    check_comparable(config, trained)
+    study_checks.check_depths(config, trained)
+    study_checks.check_comparable(config, trained)
     return config
-
-
-# ------------------------------------------------------------------ load-time checks of the whole study
-# A path the workflow writes under and hands to shell commands (quoted): letters, digits, space and . _ - / + , = @ : ~
-_SAFE_PATH = re.compile(r"^[\w .,+=@:~/-]+$")
-
-
-def check_paths(config: dict) -> None:
-    """``results_dir`` holds no character that a shell, a glob or a Snakemake wildcard would interpret."""
-    results = config["results_dir"]
-    bad = sorted({c for c in results if not _SAFE_PATH.match(c)})
-    if bad:
-        raise ConfigError(f"config field 'results_dir': {results!r} contains {''.join(bad)!r}; use letters, digits, "
-                          f"spaces and . _ - / + , = @ : ~ only")
-    if ".." in Path(results).parts:
-        raise ConfigError(f"config field 'results_dir': {results!r} climbs out with '..'; give a path below the "
-                          f"working directory or an absolute one")
-
-
-def check_sources(config: dict) -> None:
-    """A corpus source that lists its inputs lists at least one."""
-    data = config["data"]
-    lists = {"files": ("data.files.paths", data["files"]["paths"]), "hf": ("data.hf.sources", data["hf"]["sources"])}
-    if data["source"] in lists:
-        field, items = lists[data["source"]]
-        if not items:
-            raise ConfigError(f"config field '{field}': empty, but data.source is {data['source']!r}; list at least "
-                              f"one {'file or glob' if data['source'] == 'files' else 'dataset'}")
-
-
-def check_depths(config: dict, settings: dict) -> None:
-    """Every ``aggregate.depths`` index names a layer of every scale (negatives count from the end)."""
-    from qkrank.presets import ModelConfig
-
-    for cell, one in settings.items():
-        fields = {k: v for k, v in one["model"].items() if k != "preset"}
-        n_layers = ModelConfig.from_preset(one["model"]["preset"], **fields).n_layers
-        for depth in config["aggregate"]["depths"]:
-            if not -n_layers <= depth < n_layers:
-                raise ConfigError(f"config field 'aggregate.depths': layer {depth} does not exist in scale "
-                                  f"{cell.scale!r} ({n_layers} layers); use {-n_layers} … {n_layers - 1}")
-
-
-def probe_batch_identity(settings: dict) -> dict:
-    """What decides which tokens a cell is probed on, and the architecture they pass through (minus norm)."""
-    probe = settings["probe"]
-    return {"probe.n_sequences": probe["n_sequences"],
-            "probe.seq_len": probe["seq_len"] or settings["train"]["seq_len"],
-            **{f"model.{k}": v for k, v in sorted(settings["model"].items())}}
-
-
-def check_comparable(config: dict, settings: dict) -> None:
-    """Cells of one scale are compared (modes, optimizers, seeds averaged): they must share the probe batch and
-    the architecture. A cell_override that breaks this is refused, naming it."""
-    by_scale: dict[str, list] = {}
-    for cell, one in settings.items():
-        by_scale.setdefault(cell.scale, []).append((cell, probe_batch_identity(one)))
-    for scale, members in by_scale.items():
-        plain = [(c, ident) for c, ident in members if c.id not in config["cell_overrides"]] or members[:1]
-        reference_cell, reference = plain[0]
-        for cell, ident in members:
-            diff = sorted(k for k in reference if ident.get(k) != reference[k])
-            if diff:
-                where = cell if cell.id in config["cell_overrides"] else reference_cell
-                raise ConfigError(
-                    f"config field 'cell_overrides.{where.id}': changes {', '.join(diff)} "
-                    f"({', '.join(f'{ident[k]!r} vs {reference[k]!r}' for k in diff)}), so {cell.id} and "
-                    f"{reference_cell.id} would be probed on different batches or architectures and compared; "
-                    f"override these fields under scales.{scale} for every cell instead")
 
 
 def _syntax_error(error: Exception) -> str:
@@ -401,28 +295,6 @@ def _syntax_error(error: Exception) -> str:
     if isinstance(error, json.JSONDecodeError):
         return f"line {error.lineno}, column {error.colno}: {error.msg}"
     return " ".join(str(error).split())
-
-
-def _check_data_fits(data: dict, settings: dict, where: str) -> None:
-    """The model's vocabulary holds the tokenizer's, and capped splits hold one sequence of each use."""
-    model_vocab = settings["model"].get("vocab_size")
-    if model_vocab is None:
-        from qkrank.presets import PRESETS
-
-        model_vocab = PRESETS[settings["model"]["preset"]].vocab_size
-    tokenizer = data["tokenizer"]
-    needed = tokenizer["vocab_size"]
-    if tokenizer["kind"] == "bpe" and model_vocab < needed:
-        raise ConfigError(f"config field '{where}.model.vocab_size': {model_vocab} is smaller than "
-                          f"data.tokenizer.vocab_size {needed}; use at least {needed}")
-    train_len = settings["train"]["seq_len"]
-    probe_len = settings["probe"]["seq_len"] or train_len
-    for split, length, use in (("train", train_len, "train.seq_len"), ("val", max(train_len, probe_len),
-                                                                       "train.seq_len / probe.seq_len")):
-        cap = data[f"{split}_tokens"]
-        if cap is not None and cap < length + 1:
-            raise ConfigError(f"config field 'data.{split}_tokens': {cap} tokens cannot hold one sequence of "
-                              f"{where}.{use} {length} (+1 target); use at least {length + 1} or null (all)")
 
 
 def add_config_args(parser) -> None:

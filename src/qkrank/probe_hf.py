@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from qkrank import __version__, runtime, suites
+from qkrank import __version__, identity, runtime, suites
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards
@@ -276,7 +276,7 @@ def main(argv=None) -> None:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _print_warning
-            probe_revision(qconfig.load_cell_settings(args.settings), args.data, args.tokens, args.out)
+            probe_revision(identity.load_cell_settings(args.settings), args.data, args.tokens, args.out)
     except (qconfig.ConfigError, suites.SuiteError, ProbeError, DataError) as e:
         sys.exit(f"qkrank.probe_hf: error: {e}")
 

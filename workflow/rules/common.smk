@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
+from qkrank import identity as qidentity  # noqa: E402
 from qkrank import layout  # noqa: E402
 from qkrank import snapshots as qsnapshots  # noqa: E402
 from qkrank import verify as qverify  # noqa: E402
@@ -68,12 +69,12 @@ def settings_of(wildcards):
 
 def settings_json(wildcards):
     """What can change the cell's results (the rerun identity): settings.json."""
-    return json.dumps(qconfig.split_runtime(settings_of(wildcards))[0], sort_keys=True)
+    return json.dumps(qidentity.split_runtime(settings_of(wildcards))[0], sort_keys=True)
 
 
 def runtime_json(wildcards):
     """Resources and runtime knobs: runtime.json, read by the jobs but no rerun trigger (an ancient input)."""
-    return json.dumps(qconfig.split_runtime(settings_of(wildcards))[1], sort_keys=True)
+    return json.dumps(qidentity.split_runtime(settings_of(wildcards))[1], sort_keys=True)
 
 
 def run_dir(cell):
@@ -116,7 +117,7 @@ def figure_selection(name):
 
 
 def study_text():
-    return json.dumps(qconfig.study_identity(STUDY), sort_keys=True)
+    return json.dumps(qidentity.study_identity(STUDY), sort_keys=True)
 
 
 def corpus_files():
