@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from qkrank import config as qconfig
+from qkrank.layout import attrs_problem, probe_path
 from qkrank.rank import METRICS, top_energy_share
 
 CELL_COLUMNS = ["scale", "mode", "optimizer", "seed"]
@@ -17,10 +18,6 @@ GROUP_COLUMNS = ["scale", "mode", "optimizer"]  # a curve or table column: one m
 
 class AggregateError(RuntimeError):
     pass
-
-
-def probe_path(results: Path, cell: qconfig.Cell, tokens: int) -> Path:
-    return results / "runs" / cell.id / "probe" / f"{tokens}.h5"
 
 
 IDENT_COLUMNS = CELL_COLUMNS + ["tokens_seen"]
@@ -46,8 +43,7 @@ def _frame(columns: dict[str, list[np.ndarray]], ident: dict) -> pd.DataFrame:
 def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                spectrum_site: str = "roped") -> dict[str, pd.DataFrame]:
     """One probe file → metric rows (per head), γ rows (per entry) and, given ``depths``, normalised spectra."""
-    from qkrank.layout import PROBE_SCHEMA_VERSION
-
+    # qkrank.layout's probe-file check, on the one open of each file
     if not Path(path).is_file():
         raise AggregateError(f"{path}: probe file is missing; run the workflow to probe this checkpoint")
     try:
@@ -55,12 +51,8 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
     except OSError as e:
         raise AggregateError(f"{path}: unreadable HDF5 ({e}); delete it and rerun the workflow to re-probe") from None
     with f:
-        if not f.attrs.get("complete", False):
-            raise AggregateError(f"{path}: incomplete probe file (no 'complete' attribute); delete it and rerun "
-                                 "the workflow")
-        if f.attrs.get("schema_version") != PROBE_SCHEMA_VERSION:
-            raise AggregateError(f"{path}: probe schema version {f.attrs.get('schema_version')}, this qkrank reads "
-                                 f"{PROBE_SCHEMA_VERSION}; delete it and rerun the workflow to re-probe")
+        if problem := attrs_problem(f.attrs, path):
+            raise AggregateError(problem)
         ident = {"scale": str(f.attrs["scale"]), "mode": str(f.attrs["mode"]),
                  "optimizer": str(f.attrs["optimizer"]), "seed": int(f.attrs["seed"]),
                  "tokens_seen": int(f.attrs["tokens_seen"])}

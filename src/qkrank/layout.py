@@ -83,8 +83,14 @@ def probe_file_problem(path: str | Path, deep: bool = False) -> str | None:
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         return f"{path}: unreadable HDF5, truncated or corrupt ({type(e).__name__}: {e}); delete it and rerun " \
                "the workflow to re-probe"
-    if not complete:
+    return attrs_problem({"complete": complete, "schema_version": version}, path)
+
+
+def attrs_problem(attrs, path: str | Path) -> str | None:
+    """The part of the probe-file check that reads only the root attributes of an open file."""
+    if not attrs.get("complete", False):
         return f"{path}: incomplete probe file (no 'complete' attribute); delete it and rerun the workflow"
+    version = attrs.get("schema_version")
     if version != PROBE_SCHEMA_VERSION:
         return (f"{path}: probe schema version {version}, this qkrank writes {PROBE_SCHEMA_VERSION}; "
                 f"delete it and rerun the workflow to re-probe")
