@@ -185,10 +185,10 @@ def test_bad_probe_files_are_named(tmp_path):
 def test_read_probe_rows_match_the_file(tmp_path):
     cell = qconfig.Cell("tiny", "learned", "muon", 3)
     path = tmp_path / "512.h5"
-    write_probe(path, cell, 512, 3, np.random.default_rng(2), 0.5)
+    write_probe(path, cell, 512, 3, np.random.default_rng(2), 0.5, extras=True)
     frames = collect.read_probe(path, 0.25, depths=[], spectrum_site="roped")
     probes = frames["probes"]
-    assert len(probes) == 3 * len(SITES) * sum(HEADS.values())
+    assert len(probes) == 3 * (len(SITES) + 1) * sum(HEADS.values())  # + the weight site
     assert (probes.seed == 3).all() and (probes.tokens_seen == 512).all()
     with h5py.File(path) as f:
         sv = f["layers/2/k/normed/sv"][()]
@@ -199,6 +199,12 @@ def test_read_probe_rows_match_the_file(tmp_path):
     spectra = frames["spectra"]
     assert set(spectra.depth) == {"layer 0 (first)", "layer 1 (middle)", "layer 2 (last)"}
     assert set(spectra.tensor) == {"q", "k"} and spectra.sv_normalized.max() == pytest.approx(1.0)
+    assert set(spectra.site) == {"roped", "weight"}
+    with h5py.File(path) as f:
+        wk = f["layers/1/k/weight/sv"][()]
+    rows = spectra.query("site == 'weight' and tensor == 'k' and layer == 1").sort_values(["head", "index"])
+    np.testing.assert_allclose(rows.sv, wk.ravel())
+    np.testing.assert_allclose(rows.sv_normalized, (wk / wk[:, :1]).ravel())
     assert collect.read_probe(path, 0.25)["spectra"].empty, "spectra only where asked for"
 
 

@@ -27,9 +27,11 @@ FRAME_COLUMNS = {
     "probes": IDENT_COLUMNS + ["layer", "head", "tensor", "site", *METRICS, "pr_seq", "pr_n", "pr_seq_n",
                                "top_energy_share"],
     "gamma": IDENT_COLUMNS + ["layer", "tensor", "dim", "gamma"],
-    "spectra": IDENT_COLUMNS + ["layer", "depth", "tensor", "head", "index", "sv", "sv_normalized"],
+    # site: the probed activations' spectrum site (roped by default) and "weight" (W_Q / W_K per head)
+    "spectra": IDENT_COLUMNS + ["layer", "depth", "tensor", "site", "head", "index", "sv", "sv_normalized"],
     "dim_energy": IDENT_COLUMNS + ["layer", "tensor", "site", "dim", "energy"],
 }
+WEIGHT_SITE = "weight"
 ENERGY_SITES = ("proj", "normed")  # per-dimension energy of the stored vectors (γ acts between the two)
 
 
@@ -79,11 +81,12 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
                     metric_cols["pr_n"].append(np.full(heads, int(group["pr"].attrs.get("n", -1))))
                     metric_cols["pr_seq_n"].append(np.full(heads, int(group["pr_seq"].attrs["n"]) if has_seq else -1))
                     metric_cols["top_energy_share"].append(top_energy_share(sv, top_fraction))
-                    if layer in spectrum_layers and site == spectrum_site:
+                    if layer in spectrum_layers and site in (spectrum_site, WEIGHT_SITE):
                         d = sv.shape[1]
                         spectrum_cols["layer"].append(np.full(heads * d, layer))
                         spectrum_cols["depth"].append(np.full(heads * d, spectrum_layers[layer]))
                         spectrum_cols["tensor"].append(np.full(heads * d, tensor))
+                        spectrum_cols["site"].append(np.full(heads * d, site))
                         spectrum_cols["head"].append(np.repeat(np.arange(heads), d))
                         spectrum_cols["index"].append(np.tile(np.arange(1, d + 1), heads))
                         spectrum_cols["sv"].append(sv.ravel())

@@ -16,7 +16,7 @@ FIGURES: dict[str, dict] = {
     "layer_heatmap": {"tables": ["layer_pr"], "category": "3 · Key PR by layer",
                       "title": "Key PR by layer over training", "per_mode": ["learned", "frozen", "none"]},
     "spectral_decay": {"tables": ["spectra"], "category": "4 · Spectral decay",
-                       "title": "Spectral decay of the keys by depth"},
+                       "title": "Spectral decay of the keys and of W_K by depth"},
     "gamma_cv": {"tables": ["gamma_cv_final"], "category": "5 · γ", "title": "γ coefficient of variation by layer"},
     "gamma_distribution": {"tables": ["gamma"], "category": "5 · γ", "title": "γ entries by layer over training",
                            "per_mode": ["learned"]},
