@@ -173,6 +173,19 @@ def test_data_stage_refuses_a_corpus_without_text(tmp_path, monkeypatch):
     assert _files_in(tmp_path / "data") == []
 
 
+def test_data_stage_refuses_a_vocabulary_larger_than_the_corpus_allows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Many short documents (so both splits get some) of few distinct words: BPE runs out of pairs far below 512.
+    cfg = _files_corpus(tmp_path, "small.txt", "\n\n".join(f"ab ba ab {i % 3}" for i in range(400)))
+    configfile = write_config(tmp_path / "study.yaml", cfg)
+    proc = _stage("qkrank.data", "--config", str(configfile), "--out", str(tmp_path / "data"))
+    assert proc.returncode != 0
+    assert "config field 'data.tokenizer.vocab_size': 512 is more than this corpus allows" in proc.stderr, proc.stderr
+    allowed = int(proc.stderr.split("use at most ")[1].split(",")[0])
+    assert 257 <= allowed < 300, proc.stderr  # the byte alphabet and <|endoftext|>, plus a few merges
+    assert _files_in(tmp_path / "data") == []
+
+
 def test_train_stage_refuses_data_shorter_than_a_sequence(tmp_path, micro_data):
     data = tmp_path / "data"
     data.mkdir()

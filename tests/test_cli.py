@@ -112,3 +112,23 @@ def test_presets_doc_holds_the_generated_table(capsys):
 def test_presets_doc_88m_width_rationale_is_computed(overrides, n_params):
     assert model_summary(ModelConfig.from_preset("88m", **overrides))["n_params"] == n_params
     assert f"{n_params:,}" in (REPO / "docs" / "presets.md").read_text()
+
+
+def test_check_config_names_file_line_and_field_where_snakemake_cannot(tmp_path):
+    """Snakemake reads --configfile before qkrank: its "not valid JSON or YAML" names no file or line, and a
+    missing file is a traceback. `qkrank check-config` (the README's answer) names them."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  seeds: [0, 1\n  modes: [learned]\n")
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text((REPO / "config.yaml").read_text().replace("val_fraction:", "val_fractoin:"))
+    cmd = [*qkrank_command(), "check-config"]
+    env = env_with_src()
+    proc = subprocess.run([*cmd, str(bad), str(tmp_path / "missing.yaml"), str(misspelt)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"invalid config: config file {bad} is not valid YAML/JSON: line 3, column 8"), lines
+    assert lines[1] == f"invalid config: config file {tmp_path / 'missing.yaml'} does not exist"
+    assert "'data.val_fractoin'" in lines[2] and "valid keys here" in lines[2], lines
+    good = subprocess.run([*cmd, str(REPO / "config.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert good.returncode == 0 and "valid; 9 cells, scales tiny" in good.stdout, good.stderr

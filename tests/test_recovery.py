@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import psutil
 import pytest
-from conftest import REPO, micro_config, write_config
+from conftest import REPO, env_with_src, micro_config, write_config
 from conftest import copy_project as conftest_copy_project
 
 from qkrank import checkpoint, launch
@@ -351,3 +351,68 @@ def test_layout_is_the_one_contract_and_stays_light(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env=user_env() | {"PYTHONPATH": str(REPO / "src")})
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def _mount_namespace() -> list[str] | None:
+    """``unshare`` arguments giving a private mount namespace where a tmpfs can be mounted (root: -m; a user:
+    -rm, where user namespaces are allowed), or None."""
+    if not shutil.which("unshare"):
+        return None
+    for flags in (["-m"], ["-rm"]):
+        probe = subprocess.run(["unshare", *flags, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", *flags]
+    return None
+
+
+def test_a_really_full_disk_stops_training_with_one_line_naming_it(tmp_path, micro_data):
+    """A real full file system (a small tmpfs in a private mount namespace), not a simulated error: the launcher's
+    last line names the disk, and nothing half-written is left under a real name."""
+    namespace = _mount_namespace()
+    if namespace is None:
+        pytest.skip("no mount namespace here (unshare -m / -rm refused): cannot make a small file system")
+    from qkrank import config as qconfig
+
+    cfg = micro_config()
+    cfg["scales"]["tiny"]["train"]["keep_snapshots"] = "all"  # one whole run: snapshot, then resume state
+    study = qconfig.load(cfg)
+    settings = qconfig.cell_settings(study, qconfig.cells(study)[0])
+    settings_path = tmp_path / "settings.json"
+    settings_path.write_text(json.dumps(settings))
+    from qkrank.model import GPT, ModelConfig
+
+    weights = 4 * GPT(ModelConfig.from_preset("tiny", **{k: v for k, v in settings["model"].items()
+                                                        if k != "preset"})).num_params()
+    # Room for the first snapshot (weights) but not for the first resume state (weights and two moments).
+    size_kb = int(1.6 * weights) // 1024
+    disk, log = tmp_path / "disk", tmp_path / "logs" / "train.log"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {disk} || exit 99\n"
+              f"{sys.executable} -m qkrank.launch --log {log} -- -m qkrank.train --settings {settings_path} "
+              f"--data {micro_data} --out {disk}/run\n"
+              "rc=$?\n"
+              f"find {disk} -name '*.tmp' | sed 's/^/LEFT: /'\n"
+              f"{sys.executable} -c 'import sys, torch; [torch.load(p, weights_only=True) for p in sys.argv[1:]]' "
+              f"$(find {disk} -name '*.pt') && echo LOADABLE\n"
+              "exit $rc\n")
+    proc = subprocess.run([*namespace, "sh", "-c", script], capture_output=True, text=True, env=env_with_src(),
+                          timeout=300)
+    assert proc.returncode not in (0, 99), proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"qkrank: -m qkrank\.train failed \(exit 1\): no space left on device: "
+                        rf"{re.escape(str(disk))}/run\S* "
+                        r"\([\d,]+ bytes free\); free space and rerun", last), proc.stderr[-3000:]
+    assert "LEFT:" not in proc.stdout and "LOADABLE" in proc.stdout, proc.stdout
+    assert f"No space left on device while writing '{disk}/run/" in log.read_text()
+
+
+def test_launcher_keeps_freed_memory_in_the_job_unless_told_otherwise(tmp_path, monkeypatch):
+    log = tmp_path / "job.log"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert launch.main(["--log", str(log), "--", "-c", "import os; print(os.environ['GLIBC_TUNABLES'])"]) == 0
+    assert log.read_text().strip() == launch.MALLOC_TUNABLES
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # a site's own setting wins
+    log.unlink()
+    assert launch.main(["--log", str(log), "--", "-c", "import os; print(os.environ['GLIBC_TUNABLES'])"]) == 0
+    assert log.read_text().strip() == "glibc.malloc.arena_max=2"

@@ -124,6 +124,46 @@ def test_stop_signal_checkpoints_then_resume_is_bitwise_identical(tmp_path, micr
     assert_same_run(clean_run, out)
 
 
+def test_segments_hand_on_one_state_file_and_a_stop_mid_segment_resumes_bitwise(tmp_path, micro_data, clean_run,
+                                                                               monkeypatch):
+    """A segment's end writes one file, its snapshot with the whole resume state (weights once on disk), which the
+    next segment starts from; a stop inside a segment resumes from its own checkpoint; the result is the clean run."""
+    from qkrank import snapshots
+
+    settings = _settings(micro_config())  # keep_snapshots: final, checkpoints every 512 tokens (2 steps)
+    out = tmp_path / "run"
+    train.train_cell(settings, micro_data, out, until=0)
+    train.train_cell(settings, micro_data, out, until=512)
+    state = checkpoint.safe_load(snapshots.temp_path(out, 512))
+    assert {"model", "optimizers", "rng", "metrics", "val_loss"} <= set(state) and state["tokens_seen"] == 512
+    assert checkpoint.list_checkpoints(out / "resume") == []  # no second copy of the weights
+    real_batch_starts = train.batch_starts
+
+    def signal_during_step_3(seed, step, n_windows, rows):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_batch_starts(seed, step, n_windows, rows)
+
+    monkeypatch.setattr(train, "batch_starts", signal_during_step_3)
+    with pytest.raises(train.Preempted, match="768 tokens"):
+        train.train_cell(settings, micro_data, out, until=1024)
+    monkeypatch.setattr(train, "batch_starts", real_batch_starts)
+    assert [checkpoint.tokens_of(p) for p in checkpoint.list_checkpoints(out / "resume")] == [768]
+    train.train_cell(settings, micro_data, out, until=1024)  # resumes at 768, not at the segment's start
+    assert checkpoint.list_checkpoints(out / "resume") == []
+    snapshots.temp_path(out, 512).unlink()  # what Snakemake does once the probe and the next segment are done
+    for tokens in (1536, 2048):
+        train.train_cell(settings, micro_data, out, until=tokens)
+    assert sorted(p.name for p in (out / "snapshots").glob("*.pt")) == ["2048.pt"]
+    final = checkpoint.safe_load(out / "snapshots" / "2048.pt")
+    assert "optimizers" not in final  # the kept final snapshot is weights only
+    clean = checkpoint.safe_load(clean_run / "snapshots" / "2048.pt")["model"]
+    assert all(torch.equal(final["model"][k], clean[k]) for k in clean)
+    assert deterministic_log(out) == deterministic_log(clean_run)
+    with pytest.raises(checkpoint.CheckpointError, match=r"512\.pt: the state this segment starts from is missing"):
+        train.train_cell(settings, micro_data, tmp_path / "other", until=1024)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_writes_a_checkpoint_and_exits_75(tmp_path, micro_data):
     """What SLURM does before the time limit (SIGUSR1 takes the same path: see the in-process test above)."""

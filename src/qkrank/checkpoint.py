@@ -29,6 +29,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A readable file that holds more than tensors and plain containers (e.g. a code payload)."""
 
 
+class ForeignCheckpointError(CheckpointError):
+    """A readable checkpoint written under another config (another cell)."""
+
+
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file, fsync it, rename it into place, fsync the directory."""
     path = Path(path)
@@ -44,13 +48,16 @@ def atomic_save(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
-def safe_load(path: Path, map_location="cpu") -> dict:
-    """Load with ``weights_only=True``: tensors and plain containers only, never arbitrary pickle code."""
+def safe_load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load with ``weights_only=True``: tensors and plain containers only, never arbitrary pickle code.
+
+    ``mmap``: tensors are read from the file when used (a probe reads the weights of a segment's state file
+    and never its optimizer state)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpointError(
@@ -73,34 +80,45 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=tokens_of)
 
 
-def latest_valid(directory: Path, config_hash: str) -> dict | None:
+def load_state(path: Path, config_hash: str) -> dict:
+    """A resume state (or a segment's state file) written for this config; ``state["path"]`` names the file.
+
+    A readable checkpoint written under a different config is an error: resuming it would mix two cells.
+    """
+    state = safe_load(path)
+    found = state.get("config_hash") if isinstance(state, dict) else None
+    if found != config_hash:
+        raise ForeignCheckpointError(
+            f"{path}: written for config {found}, but this cell's config is {config_hash}; a changed "
+            f"config is a different cell: delete {Path(path).parent} to start it afresh")
+    state["path"] = str(path)
+    return state
+
+
+def latest_valid(directory: Path, config_hash: str, after: int | None = None) -> dict | None:
     """The newest loadable resume state whose config hash matches; truncated ones are skipped with a warning.
 
-    A readable checkpoint written under a different config is an error, not silently skipped: resuming
-    it would mix two cells. So is a file that refuses to load safely: qkrank did not write it.
+    ``after``: only states past that many tokens count (older ones belong to an earlier segment). A readable
+    checkpoint written under a different config is an error, not silently skipped; so is a file that refuses
+    to load safely: qkrank did not write it.
     """
     for path in reversed(list_checkpoints(directory)):
+        if after is not None and tokens_of(path) <= after:
+            break
         try:
-            state = safe_load(path)
-        except UnsafeCheckpointError:
+            return load_state(path, config_hash)
+        except (UnsafeCheckpointError, ForeignCheckpointError):
             raise
         except CheckpointError as e:
             warnings.warn(f"skipping corrupt resume checkpoint, falling back to the one before: {e}",
                           stacklevel=2)
-            continue
-        found = state.get("config_hash") if isinstance(state, dict) else None
-        if found != config_hash:
-            raise CheckpointError(
-                f"{path}: written for config {found}, but this cell's config is {config_hash}; a changed "
-                f"config is a different cell: delete {Path(directory)} to start it afresh")
-        state["path"] = str(path)
-        return state
     return None
 
 
 def prune(directory: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    for path in list_checkpoints(directory)[:-keep]:
+    """Delete all but the newest ``keep`` checkpoints (all of them for 0)."""
+    paths = list_checkpoints(directory)
+    for path in paths[:len(paths) - keep]:
         path.unlink(missing_ok=True)
 
 

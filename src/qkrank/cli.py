@@ -1,4 +1,5 @@
-"""The `qkrank` command: `info` (preset sizes, from the meta device); `bench`, `verify`, `plan-seeds` (delegated)."""
+"""The `qkrank` command: `info` (preset sizes, from the meta device); `bench`, `verify`, `plan-seeds`,
+`check-config` (delegated)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ DELEGATED = {
     "bench": "benchmarks: training MFU, naive-attention ratio, probe cost, workflow overhead, GPU (qkrank.bench)",
     "verify": "integrity checks of every artifact; --fix deletes bad ones for the workflow to rebuild (qkrank.verify)",
     "plan-seeds": "seeds (and H100-hours) needed to resolve each pair of the verdict (qkrank.planner)",
+    "check-config": "the workflow's load-time checks of config files, naming file, line and field "
+                    "(qkrank.check_config)",
 }
-MODULES = {"plan-seeds": "planner"}  # delegated commands whose module is not named like the command
+# delegated commands whose module is not named like the command
+MODULES = {"plan-seeds": "planner", "check-config": "check_config"}
 INFO_KEYS = ("n_params", "n_params_non_embedding", "n_params_embedding", "n_layers", "d_model", "n_heads",
              "n_kv_heads", "head_dim", "kv_dim", "d_ff", "vocab_size", "max_seq_len", "norm_mode",
              "tie_embeddings", "rope_base")

@@ -8,12 +8,15 @@ attention's own FLOPs (12·layers·d_model·seq_len per token) and the probes ar
 
 Disk (decimal GB), from the parameter counts: a snapshot is the fp32 weights (4·N bytes); a resume state
 adds the optimizer state (Muon: one momentum per hidden-matrix weight; AdamW: two moments per weight), 4
-bytes each. A cell trains in segments, one per snapshot point (docs/cluster.md, Disk): at any time it holds
-up to keep_resume_checkpoints + 1 resume states (the newest is written before the oldest is pruned; all are
-deleted when the cell finishes), its kept snapshots so far, and at most two freed ones (one waiting for its
-probe, one just written, assuming a probe takes less time than a segment's training). At the end: kept
-snapshots and probe files. The study's peak is given for all cells training at once (the worst case) and one
-cell at a time (the others finished).
+bytes each. A cell trains in segments, one per snapshot point (docs/cluster.md, Disk): a segment starts from
+the previous one's snapshot file, which also holds its resume state (weights once), and writes its own, so a
+cell holds at most two such files (the one it started from is deleted once its probe and the next segment are
+done, assuming a probe takes less time than a segment's training), plus its kept snapshots so far (weights
+only) and its probe files. A segment stopped mid-way (a time limit) adds up to keep_resume_checkpoints + 1
+resume states while it runs again; that is not in the peak. With keep_snapshots: all a cell is one job: up
+to keep_resume_checkpoints + 1 resume states (the newest is written before the oldest is pruned; all are
+deleted when the cell finishes) and every snapshot. At the end: kept snapshots and probe files. The study's
+peak is given for all cells training at once (the worst case) and one cell at a time (the others finished).
 """
 
 from __future__ import annotations
@@ -65,10 +68,14 @@ def cell_plan(settings: dict, mfu: float = DEFAULT_MFU) -> dict:
     resume = 4 * n + optimizer_state
     marks = qconfig.checkpoint_tokens(settings)
     kept = qconfig.kept_snapshot_tokens(settings)
-    intermediate_kept = len(kept) - 1
-    peak_snapshots = min(len(marks), intermediate_kept + 2)
     probes = len(marks) * probe_file_bytes(sizes["cfg"], settings["probe"]["n_sequences"])
-    peak = (train["keep_resume_checkpoints"] + 1) * resume + peak_snapshots * snapshot + probes
+    if train["keep_snapshots"] == "all":
+        peak_snapshots = len(marks)
+        peak = (train["keep_resume_checkpoints"] + 1) * resume + peak_snapshots * snapshot + probes
+    else:
+        # two segment state files (each the snapshot with its resume state) and the kept weights so far
+        peak_snapshots = min(len(marks), len(kept) - 1 + 2)
+        peak = min(len(marks), 2) * resume + (len(kept) - 1) * snapshot + probes
     return {"scale": settings["cell"]["scale"], "optimizer": optimizer, "n_params": n,
             "tokens": train["total_tokens"], "gpu_hours": gpu_hours(n, train["total_tokens"], mfu),
             "snapshots": len(marks), "kept": len(kept), "snapshot_bytes": snapshot, "resume_bytes": resume,
@@ -128,7 +135,8 @@ def markdown_table(rows: list[dict], mfu: float) -> str:
                  f"Disk of the study (GB): peak {_gb(t['peak_all_at_once_bytes'])} with every cell training at "
                  f"once, {_gb(t['peak_one_at_a_time_bytes'])} one cell at a time; final "
                  f"{_gb(t['final_bytes'])}; keeping every snapshot would take {_gb(t['keep_all_bytes'])}. "
-                 f"Snapshots alone (no resume states): peak {_gb(t['snapshots_all_at_once_bytes'])} at once, "
+                 f"Weights alone (snapshots without optimizer state): peak "
+                 f"{_gb(t['snapshots_all_at_once_bytes'])} at once, "
                  f"{_gb(t['snapshots_one_at_a_time_bytes'])} one cell at a time.")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ one running Snakemake) with stdout and stderr in LOG, and:
   kill -9 of snakemake alone leaves no training running without a parent (training checkpoints on SIGTERM);
 - forwards SIGTERM and SIGUSR1 to the job (Ctrl-C's SIGINT reaches it from the terminal directly) and exits
   with its exit status (75: preempted, retry);
+- keeps freed memory in the process (``GLIBC_TUNABLES``, unless set): no page-fault storm at every step;
 - on failure, ends LOG and stderr with one line naming the cause: ``no space left on device: <dir>``, a
   GPU asked for where there is none, or the last line of the job's traceback.
 """
@@ -30,9 +31,24 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 LOW_SPACE_BYTES = 64 << 20
 DISK_FULL = re.compile(r"No space left on device|Errno 28|ENOSPC")
 # What a full disk looks like when torch's zip writer or h5py hit it first.
+FAILED_WRITE = re.compile(r"No space left on device while writing '([^']+)'")
 MAYBE_DISK_FULL = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed|Can't write data")
 NO_GPU = re.compile(r"'cuda' requested but CUDA is not available|Torch not compiled with CUDA|no CUDA GPUs are "
                     r"available|Found no NVIDIA driver")
+
+
+# glibc returns every freed block above 128 KiB to the kernel and faults it in again on the next step: a third
+# of a CPU training step went to page faults (tiny preset: 11.9 s → 8.5 s per 65,536 tokens, sys time 3.3 s →
+# 0.5 s). Keeping up to 1 GiB in the process costs nothing on a training node. Numerics are unchanged.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:" \
+                  "glibc.malloc.top_pad=268435456"
+
+
+def job_env(environ) -> dict:
+    """The job's environment: the caller's, with MALLOC_TUNABLES unless GLIBC_TUNABLES is already set."""
+    env = dict(environ)
+    env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    return env
 
 
 def die_with_parent() -> None:
@@ -58,7 +74,9 @@ def keep_attempt(log: Path) -> Path | None:
 
 def cause(log_text: str, where: Path) -> str:
     """One line naming why a job failed, from its log."""
-    free = shutil.disk_usage(where).free
+    if written := FAILED_WRITE.findall(log_text):  # qkrank.atomic names the file it could not write
+        where = Path(written[-1]).parent
+    free = shutil.disk_usage(where).free if where.exists() else 0
     if DISK_FULL.search(log_text) or (MAYBE_DISK_FULL.search(log_text) and free < LOW_SPACE_BYTES):
         return f"no space left on device: {where.resolve()} ({free:,} bytes free); free space and rerun"
     gpu = NO_GPU.search(log_text)
@@ -83,7 +101,8 @@ def main(argv=None) -> int:
         keep_attempt(args.log)
         if os.getppid() != parent:  # the parent died before the request took effect
             return 1
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                 env=job_env(os.environ))
         for sig in FORWARDED:
             signal.signal(sig, lambda signum, frame: child.send_signal(signum))
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -91,7 +91,7 @@ def load_snapshot(run_dir: Path, tokens: int) -> dict:
             f"{snapshots.stamp_path(run_dir, tokens)}); the snapshot is corrupt — delete {run_dir} and rerun "
             f"the workflow to retrain this cell"
         )
-    return checkpoint.safe_load(path)
+    return checkpoint.safe_load(path, mmap=True)
 
 
 ChunkSink = Callable[[str, int, torch.Tensor], None]

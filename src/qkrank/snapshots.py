@@ -3,9 +3,12 @@
 The workflow trains a cell in segments, one per snapshot point (``python -m qkrank.train --until T``), so
 each snapshot can be probed while training goes on. A segment writes:
 
-- ``snapshots/temp/{T}.pt``: the snapshot, a Snakemake ``temp()`` output, deleted once its probe file is
-  complete; a kept one (``train.keep_snapshots``) is also hard-linked (or copied) to ``snapshots/{T}.pt``,
-  which no rule deletes. The final snapshot is written straight to ``snapshots/{T}.pt``.
+- ``snapshots/temp/{T}.pt``: the snapshot (weights and metadata, what the probe reads) together with the
+  whole resume state (optimizers, RNGs, metrics): what the next segment starts from, so the weights are on
+  disk once. It is a Snakemake ``temp()`` output of this segment and an input of its probe and of the next
+  segment, deleted once both are done. A kept one (``train.keep_snapshots``) is also written, weights only,
+  to ``snapshots/{T}.pt``, which no rule deletes. The final snapshot is written straight to
+  ``snapshots/{T}.pt``.
 - ``segments/{T}.json``: tokens, step, sha256 and path of the snapshot: what its probe verifies, and the
   input of the next segment (so segments run in order). It stays when the snapshot is freed.
 
@@ -17,8 +20,6 @@ cell silently, and a probe job that gets there anyway fails with it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from qkrank import config as qconfig
@@ -49,10 +50,12 @@ def stamp_path(run_dir: Path, tokens: int) -> Path:
     return Path(run_dir) / "segments" / f"{tokens}.json"
 
 
-def snapshot_path(run_dir: Path, tokens: int, settings: dict, segment: bool) -> Path:
-    """Where training writes the snapshot at ``tokens``: a segment's freeable path, or the kept one."""
-    final = tokens == settings["train"]["total_tokens"]
-    return temp_path(run_dir, tokens) if segment and not final else kept_path(run_dir, tokens)
+def segment_start(run_dir: Path, until: int, settings: dict) -> tuple[int, Path] | None:
+    """Where the segment ending at ``until`` starts: the previous snapshot point and its state file (None for the
+    first segment, which starts from initialisation)."""
+    marks = qconfig.checkpoint_tokens(settings)
+    index = marks.index(until)
+    return (marks[index - 1], temp_path(run_dir, marks[index - 1])) if index else None
 
 
 def freed_message(run_dir: Path, tokens: int, settings: dict | None = None) -> str:
@@ -78,18 +81,12 @@ def check_segment(settings: dict, until: int | None) -> int:
 
 
 def finish_segment(run_dir: Path, tokens: int, step: int, path: Path, settings: dict) -> None:
-    """Keep the snapshot if configured, then record it in ``segments/{tokens}.json`` (written last)."""
-    sha = sha256_file(path)
+    """Record the snapshot at ``tokens`` in ``segments/{tokens}.json`` (written last): the kept weights-only
+    copy if there is one, else ``path``."""
     kept = tokens in qconfig.kept_snapshot_tokens(settings)
-    if kept and path != kept_path(run_dir, tokens):
-        target = kept_path(run_dir, tokens)
-        target.unlink(missing_ok=True)
-        try:
-            os.link(path, target)  # no second copy on disk; survives the temp path's deletion
-        except OSError:
-            shutil.copyfile(path, target)
-    record = {"tokens": tokens, "step": step, "sha256": sha, "kept": kept,
-              "path": str((kept_path(run_dir, tokens) if kept else path).relative_to(run_dir))}
+    target = kept_path(run_dir, tokens) if kept else path
+    record = {"tokens": tokens, "step": step, "sha256": sha256_file(target), "kept": kept,
+              "path": str(Path(target).relative_to(run_dir))}
     atomic_write_text(stamp_path(run_dir, tokens), json.dumps(record, indent=2) + "\n")
 
 

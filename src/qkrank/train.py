@@ -120,7 +120,7 @@ def train_cell(settings: dict, data_dir: Path, run_dir: Path, until: int | None 
 def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal,
            until: int | None = None) -> dict:
     stop_at = snapshots.check_segment(settings, until)
-    run = start_or_resume(settings, data_dir, run_dir, rt)
+    run = start_or_resume(settings, data_dir, run_dir, rt, until)
     if run.tokens_seen > stop_at:
         raise checkpoint.CheckpointError(f"{run.resumed_from}: resume state at {run.tokens_seen:,} tokens is past "
                                          f"this segment's end ({stop_at:,}); delete {run.resume_dir} to retrain "
@@ -154,8 +154,13 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
     return finish(run)
 
 
-def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime) -> CellRun:
-    """The model, optimizers and data of a cell, restored from its newest valid resume checkpoint if any."""
+def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime,
+                    until: int | None = None) -> CellRun:
+    """The model, optimizers and data of a cell, restored from its newest valid resume checkpoint if any.
+
+    A segment (``until``) starts from the previous segment's state file (qkrank.snapshots.segment_start), or
+    from a resume checkpoint its own earlier attempt wrote past that point (a stop signal mid-segment).
+    """
     cell, train_cfg = settings["cell"], settings["train"]
     micro, seq_len = train_cfg["micro_batch"], train_cfg["seq_len"]
     if micro % rt.world_size:
@@ -166,7 +171,14 @@ def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.R
     optimizers = build_optimizers(model, cell["optimizer"], settings["optim"])
     cfg_hash = qconfig.config_hash(qconfig.training_identity(settings))
     resume_dir = run_dir / "resume"
-    state = checkpoint.latest_valid(resume_dir, cfg_hash)
+    start = snapshots.segment_start(run_dir, until, settings) if until is not None else None
+    state = checkpoint.latest_valid(resume_dir, cfg_hash, after=start[0] if start else None)
+    if state is None and start is not None:
+        if not start[1].exists():
+            raise checkpoint.CheckpointError(
+                f"{start[1]}: the state this segment starts from is missing; train the segment up to "
+                f"{start[0]} tokens first (--until {start[0]}), or run the workflow, which orders the segments")
+        state = checkpoint.load_state(start[1], cfg_hash)
     restored = {}
     if state is not None:
         if state["data_hash"] != shards.content_hash:
@@ -238,27 +250,51 @@ def train_step(run: CellRun, stop: runtime.StopSignal, faults: Faults) -> tuple[
 
 
 def save(run: CellRun, val_loss: float | None) -> None:
-    """The state after ``run.step``: its snapshot (at a probe mark) and a resume checkpoint; rank 0 writes."""
+    """The state after ``run.step``: its snapshot (at a probe mark) and a resume checkpoint; rank 0 writes.
+
+    A segment's end (not the cell's) writes one file, its snapshot holding the whole resume state, which the
+    next segment starts from: weights are never on disk twice (docs/cluster.md, Disk).
+    """
     if not run.rt.is_main:
         return
-    # A segment writes its own end's snapshot only; a whole run every snapshot it passes.
-    if run.at_snapshot and (run.until is None or run.tokens_seen == run.until):
-        save_snapshot(run, val_loss)
-    save_resume(run)
+    if run.until is not None and run.tokens_seen == run.until < run.total_tokens:
+        save_segment_end(run, val_loss)
+    else:
+        # a whole run writes every snapshot it passes; the last segment its own end's
+        if run.at_snapshot and (run.until is None or run.tokens_seen == run.until):
+            path = snapshots.kept_path(run.run_dir, run.tokens_seen)
+            checkpoint.atomic_save(snapshot_state(run, val_loss), path)
+            if run.until is not None:
+                snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
+        save_resume(run)
     write_csv(run.rows, run.run_dir / "metrics.csv")  # readable while the cell runs
 
 
-def save_snapshot(run: CellRun, val_loss: float | None) -> None:
-    """The weights and metadata a probe job reads (qkrank.snapshots: where, and a segment's record)."""
-    segment = run.until is not None
-    path = snapshots.snapshot_path(run.run_dir, run.tokens_seen, run.settings, segment=segment)
-    checkpoint.atomic_save({"model": run.model.state_dict(), "val_loss": val_loss, **run.meta()}, path)
-    if segment:
-        snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
+def snapshot_state(run: CellRun, val_loss: float | None) -> dict:
+    """What a probe reads: the weights and metadata."""
+    return {"model": run.model.state_dict(), "val_loss": val_loss, **run.meta()}
+
+
+def save_segment_end(run: CellRun, val_loss: float | None) -> None:
+    """``snapshots/temp/{T}.pt`` (weights, metadata and the whole resume state: what the probe and the next
+    segment read), a weights-only copy if the snapshot is kept, then the segment record; this segment's
+    mid-segment resume checkpoints are then obsolete."""
+    path = snapshots.temp_path(run.run_dir, run.tokens_seen)
+    checkpoint.atomic_save({**resume_state(run), "val_loss": val_loss}, path)
+    if run.tokens_seen in qconfig.kept_snapshot_tokens(run.settings):
+        checkpoint.atomic_save(snapshot_state(run, val_loss), snapshots.kept_path(run.run_dir, run.tokens_seen))
+    snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
+    checkpoint.prune(run.resume_dir, 0)
 
 
 def save_resume(run: CellRun) -> None:
     """``resume/{tokens}.pt``: everything a killed job restarts from; older ones beyond the configured count go."""
+    checkpoint.atomic_save(resume_state(run), run.resume_dir / f"{run.tokens_seen}.pt")
+    checkpoint.prune(run.resume_dir, run.train_cfg["keep_resume_checkpoints"])
+
+
+def resume_state(run: CellRun) -> dict:
+    """Everything a killed job restarts from (qkrank.checkpoint.resume_state) after ``run.step``."""
     schedule = run.settings["optim"]["schedule"]
     resume_meta = {**run.meta(), "wall_s": run.wall_s(),
                    # Batches are a pure function of (seed, step): the next step index is the data position.
@@ -266,9 +302,7 @@ def save_resume(run: CellRun) -> None:
                                      "rows_per_step": run.micro * run.train_cfg["grad_accum"]},
                    "schedule": {**schedule, "next_lr_factor": lr_factor(run.tokens_seen + run.step_tokens,
                                                                         run.total_tokens, schedule)}}
-    checkpoint.atomic_save(checkpoint.resume_state(run.model, run.optimizers, resume_meta, run.rows),
-                           run.resume_dir / f"{run.tokens_seen}.pt")
-    checkpoint.prune(run.resume_dir, run.train_cfg["keep_resume_checkpoints"])
+    return checkpoint.resume_state(run.model, run.optimizers, resume_meta, run.rows)
 
 
 def finish(run: CellRun) -> dict:

@@ -222,10 +222,11 @@ PER_MODE = "{scale}/{optimizer}/{mode}"
 REPORT_DIR = os.path.relpath(Path(workflow.basedir) / "workflow" / "report")
 
 
-# A cell trains in segments, one job per snapshot point T (`qkrank.train --until T`), each resuming from the
-# previous one's resume state, so every snapshot is probed while training goes on and, as a temp() output,
-# deleted once its probe file is complete (train.keep_snapshots: docs/cluster.md, Disk). segments/{T}.json
-# records each snapshot (sha256) and orders the segments; rule `train` is the last segment. With
+# A cell trains in segments, one job per snapshot point T (`qkrank.train --until T`), each starting from the
+# previous one's snapshot file, which also holds its resume state, so every snapshot is probed while training
+# goes on and, as a temp() output, deleted once its probe file is complete and the next segment is done
+# (train.keep_snapshots: docs/cluster.md, Disk). segments/{T}.json records each snapshot (sha256) and orders
+# the segments; rule `train` is the last segment. With
 # keep_snapshots: all nothing is freed, so a cell is one training job that writes every snapshot.
 def segmented(settings):
     return settings["train"]["keep_snapshots"] != "all"
@@ -238,9 +239,20 @@ def previous_segment(wildcards, tokens=None):
     return [f"{run}/segments/{marks[index - 1]}.json"] if index else []
 
 
+def previous_state(wildcards, tokens=None):
+    """The state file the segment starts from (the previous segment's temp snapshot, with its resume state)."""
+    return [str(Path(p).parent.parent / qsnapshots.TEMP_DIR / f"{Path(p).stem}.pt")
+            for p in previous_segment(wildcards, tokens)]
+
+
 def last_segment_input(wildcards):
     settings = settings_of(wildcards)
     return previous_segment(wildcards, settings["train"]["total_tokens"]) if segmented(settings) else []
+
+
+def last_segment_state(wildcards):
+    settings = settings_of(wildcards)
+    return previous_state(wildcards, settings["train"]["total_tokens"]) if segmented(settings) else []
 
 
 def until_args(wildcards):

@@ -6,6 +6,7 @@ rule segment:
         settings=f"{RUN}/{layout.RUN_FILES['settings']}",
         runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
         previous=previous_segment,
+        state=previous_state,
     output:
         snapshot=temp(f"{RUN}/snapshots/temp/{{tokens}}.pt"),
         record=f"{RUN}/segments/{{tokens}}.json",
@@ -33,6 +34,7 @@ rule train:
         settings=f"{RUN}/{layout.RUN_FILES['settings']}",
         runtime=ancient(f"{RUN}/{layout.RUN_FILES['runtime']}"),
         previous=last_segment_input,
+        state=last_segment_state,
     output:
         metrics=f"{RUN}/metrics.csv",
         manifest=f"{RUN}/train.json",

@@ -91,7 +91,13 @@ def build_tokenizer(data: DataSettings, sources: list[Source]):
             if budget and chars >= budget:
                 return
 
-    return train_bpe(train_texts(), tok.vocab_size)
+    trained = train_bpe(train_texts(), tok.vocab_size)
+    # BPE stops early when no pair is left to merge; the model would silently get a smaller vocabulary.
+    if trained.get_vocab_size() < tok.vocab_size:
+        raise DataError(f"config field 'data.tokenizer.vocab_size': {tok.vocab_size} is more than this corpus "
+                        f"allows: byte-level BPE on its training documents ends at {trained.get_vocab_size()} "
+                        f"tokens (no pair left to merge); use at most {trained.get_vocab_size()}, or more text")
+    return trained
 
 
 # ---------------------------------------------------------------- encoding (one or several processes)
