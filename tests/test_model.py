@@ -26,6 +26,7 @@ from qkrank.model import (
     rope_cache,
 )
 from qkrank.optim import build_optimizers
+from qkrank.settings import OptimSettings
 
 # Small enough that a forward pass and a few optimizer steps take milliseconds, with GQA (2 query heads per KV).
 SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
@@ -184,9 +185,9 @@ def test_rope_score_depends_only_on_relative_position():
     assert torch.allclose(q.norm(dim=-1), q_vec.norm().expand(T), atol=1e-5)  # a rotation keeps length
 
 
-def optimizer_settings() -> dict:
+def optimizer_settings() -> OptimSettings:
     cfg = qconfig.load(micro_config())
-    return qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])["optim"]
+    return OptimSettings.from_dict(qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])["optim"])
 
 
 def train_steps(model: GPT, optimizer: str, steps: int = 3) -> dict[str, torch.optim.Optimizer]:

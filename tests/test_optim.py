@@ -12,6 +12,7 @@ from conftest import micro_config
 from qkrank import config as qconfig
 from qkrank.model import GPT, NORM_MODES, PRESETS, ModelConfig, build_on_meta
 from qkrank.optim import build_optimizers, lr_factor, set_lr, split_parameters
+from qkrank.settings import OptimSettings, ScheduleSettings
 
 
 def expected_assignment(cfg: ModelConfig) -> tuple[set[str], set[str]]:
@@ -71,12 +72,13 @@ def test_bad_optimizer_and_a_model_without_matrices_fail_clearly():
         split_parameters(nn.Linear(3, 3), "muon")
 
 
-def optim_settings(**changes) -> dict:
+def optim_settings(**changes) -> OptimSettings:
+    """The micro cell's optim section, each ``section={field: value}`` of ``changes`` set (adamw_hidden too)."""
     cfg = qconfig.load(micro_config())
     optim = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])["optim"]
     for section, values in changes.items():
-        optim[section].update(values)
-    return optim
+        optim[section] = {**(optim.get(section) or {}), **values}
+    return OptimSettings.from_dict(optim)
 
 
 def test_build_optimizers_uses_torch_muon_with_config_values():
@@ -108,15 +110,15 @@ def test_build_optimizers_uses_torch_muon_with_config_values():
 def test_lr_factor_warmup_then_decay_to_floor():
     total, warmup = 1000, 100
     for decay in ("constant", "linear", "cosine"):
-        schedule = {"warmup_tokens": warmup, "decay": decay, "min_lr_ratio": 0.1}
+        schedule = ScheduleSettings(warmup_tokens=warmup, decay=decay, min_lr_ratio=0.1)
         assert lr_factor(50, total, schedule) == pytest.approx(0.5)
         assert lr_factor(warmup, total, schedule) == pytest.approx(1.0)
         end = lr_factor(total, total, schedule)
         assert end == pytest.approx(1.0 if decay == "constant" else 0.1)
     middle = 100 + 450
-    assert lr_factor(middle, total, {"warmup_tokens": warmup, "decay": "linear", "min_lr_ratio": 0.1}) == \
+    assert lr_factor(middle, total, ScheduleSettings(warmup_tokens=warmup, decay="linear", min_lr_ratio=0.1)) == \
         pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(middle, total, {"warmup_tokens": warmup, "decay": "cosine", "min_lr_ratio": 0.0}) == \
+    assert lr_factor(middle, total, ScheduleSettings(warmup_tokens=warmup, decay="cosine", min_lr_ratio=0.0)) == \
         pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
@@ -131,8 +133,8 @@ def test_adamw_cells_change_only_the_hidden_matrices_optimizer(mode):
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("tiny", n_layers=2, vocab_size=64, norm_mode=mode))
     names = {id(p): n for n, p in model.named_parameters()}
-    settings = optim_settings(adamw={"lr": 0.003, "weight_decay": 0.05, "beta2": 0.97})
-    settings["adamw_hidden"] = {"lr": 6e-4, "weight_decay": 0.1}
+    settings = optim_settings(adamw={"lr": 0.003, "weight_decay": 0.05, "beta2": 0.97},
+                              adamw_hidden={"lr": 6e-4, "weight_decay": 0.1})
     muon = build_optimizers(model, "muon", settings)
     adamw = build_optimizers(model, "adamw", settings)
     shared = _groups_without_params(muon["adamw"], names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -34,9 +35,15 @@ from qkrank.probe import (
     small_batch_message,
 )
 from qkrank.rank import METRICS, pr
+from qkrank.settings import ProbeSettings
 
 ROOT_ATTRS = ("scale", "mode", "optimizer", "seed", "tokens_seen", "step", "config_hash", "probe_batch_hash",
               "qkrank_version", "schema_version", "n_probe_tokens", "complete")
+
+
+def cell_probe_batch(data, settings: dict) -> np.ndarray:
+    """The probe batch of a cell (its settings as a mapping) from the token shards in ``data``."""
+    return probe_batch(TokenShards(data), ProbeSettings.from_dict(settings["probe"]), settings["train"]["seq_len"])
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +166,7 @@ def test_pr_recomputed_from_act_with_numpy_svd_equals_stored_pr(study):
 def test_per_sequence_pr_is_the_mean_of_each_sequences_numpy_pr(study, micro_data):
     settings, run = study["learned"]
     model = _model(run, 2048)
-    windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+    windows = cell_probe_batch(micro_data, settings)
     with torch.no_grad(), model.capture() as captured:
         model(torch.from_numpy(windows))
     with h5py.File(run / "probe" / "2048.h5") as f:
@@ -200,7 +207,7 @@ def test_weight_spectra_are_numpy_svds_of_each_heads_projection_block(study):
 def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_data):
     settings, run = study["learned"]
     model = _model(run, 2048)
-    windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+    windows = cell_probe_batch(micro_data, settings)
     with torch.no_grad(), model.capture() as captured:
         model(torch.from_numpy(windows))
     with h5py.File(run / "probe" / "2048.h5") as f:
@@ -212,21 +219,22 @@ def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_da
 
 def test_probe_batch_is_identical_across_checkpoints_and_modes(study, micro_data):
     settings = study["learned"][0]
-    expected = batch_hash(probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"]))
+    expected = batch_hash(cell_probe_batch(micro_data, settings))
     hashes = set()
     for _, run in study.values():
         for path in _files(run):
             with h5py.File(path) as f:
                 hashes.add(f.attrs["probe_batch_hash"])
     assert hashes == {expected}
-    other = batch_hash(probe_batch(TokenShards(micro_data), {"n_sequences": 5, "seq_len": None}, 64))
+    other = batch_hash(probe_batch(TokenShards(micro_data), dataclasses.replace(
+        ProbeSettings.from_dict(settings["probe"]), n_sequences=5, seq_len=None), 64))
     assert other != expected
 
 
 def test_probing_does_not_change_the_model_output(study, micro_data):
     for mode, (settings, run) in study.items():
         model = _model(run, 2048)
-        windows = probe_batch(TokenShards(micro_data), settings["probe"], settings["train"]["seq_len"])
+        windows = cell_probe_batch(micro_data, settings)
         x = torch.from_numpy(windows)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():

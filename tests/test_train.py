@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -16,6 +17,7 @@ from qkrank import checkpoint, runtime
 from qkrank import config as qconfig
 from qkrank.data import TokenShards
 from qkrank.metrics import COLUMNS, DETERMINISTIC_COLUMNS, Progress, rows_to_csv
+from qkrank.settings import CellSettings
 from qkrank.train import _forward_backward, batch_starts, build_model, validation_loss
 
 CPU = runtime.Runtime(device=torch.device("cpu"), bf16=False, compile=False, tf32=False)
@@ -121,7 +123,7 @@ def test_validation_loss_is_the_mean_over_fixed_held_out_windows(micro_data):
     (False, False, True, {"bf16": True, "compile": True, "tf32": False}),  # TF32 does not exist on CPU
 ])
 def test_switches_resolve_from_config_and_hardware(cuda, bf16_native, config, expected):
-    train = {"bf16": config, "compile": config, "tf32": config}
+    train = dataclasses.replace(CellSettings.from_dict(_settings()).train, bf16=config, compile=config, tf32=config)
     assert runtime.resolve_switches(train, cuda=cuda, bf16_native=bf16_native) == expected
 
 
@@ -154,7 +156,7 @@ def test_device_resolution():
 def test_runtime_on_cpu_selects_the_cpu_path():
     threads = torch.get_num_threads()
     try:
-        rt = runtime.init(_settings()["train"], job_cpus=2)
+        rt = runtime.init(CellSettings.from_dict(_settings()).train, job_cpus=2)
         native = runtime.cpu_has_native_bf16()  # `auto`: bf16 exactly where the CPU has it natively
         assert (rt.device, rt.bf16, rt.compile, rt.tf32, rt.world_size, rt.backend) == \
             (torch.device("cpu"), native, False, False, 1, None)

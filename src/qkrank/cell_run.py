@@ -18,6 +18,7 @@ from qkrank import runtime
 from qkrank.data import TokenShards
 from qkrank.metrics import Progress
 from qkrank.model import GPT
+from qkrank.settings import CellInfo, CellSettings, TrainSettings
 
 # Fault-injection hooks for the tests (docs/training.md). N is the optimizer step as in metrics.csv's
 # `step` column: NaN replaces step N's loss; kill -9 hits right after step N (and its checkpoint, if any).
@@ -55,7 +56,7 @@ class Faults:
 class CellRun:
     """One cell's training state: what start_or_resume builds, train_step advances and save writes."""
 
-    settings: dict
+    settings: CellSettings
     rt: runtime.Runtime
     run_dir: Path
     shards: TokenShards
@@ -76,28 +77,28 @@ class CellRun:
     until: int | None = None  # a segment's end (write only its snapshot); None = a whole run
 
     @property
-    def cell(self) -> dict:
-        return self.settings["cell"]
+    def cell(self) -> CellInfo:
+        return self.settings.cell
 
     @property
-    def train_cfg(self) -> dict:
-        return self.settings["train"]
+    def train(self) -> TrainSettings:
+        return self.settings.train
 
     @property
     def micro(self) -> int:
-        return self.train_cfg["micro_batch"]
+        return self.train.micro_batch
 
     @property
     def step_tokens(self) -> int:
-        return qconfig.tokens_per_step(self.train_cfg)
+        return self.train.tokens_per_step
 
     @property
     def total_tokens(self) -> int:
-        return self.train_cfg["total_tokens"]
+        return self.train.total_tokens
 
     @functools.cached_property
     def snapshot_marks(self) -> set[int]:
-        return set(qconfig.checkpoint_tokens(self.settings))
+        return set(qconfig.checkpoint_tokens(self.settings.plain))
 
     @property
     def at_snapshot(self) -> bool:
@@ -115,7 +116,8 @@ class CellRun:
         return self.wall_before + time.perf_counter() - self.t_start
 
     def meta(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "step": self.step, "config_hash": self.cfg_hash, "cell": self.cell,
+        return {"tokens_seen": self.tokens_seen, "step": self.step, "config_hash": self.cfg_hash,
+                "cell": self.settings.plain["cell"],
                 "model_config": self.model.cfg.to_dict(), "data_hash": self.shards.content_hash}
 
 

@@ -150,7 +150,9 @@ def main(argv=None) -> None:
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu {args.mfu}: give a fraction in (0, 1]")
     for path in args.configs:
-        print(f"### {path}\n\n{markdown_table(study_rows(qconfig.load(path), args.mfu), args.mfu)}\n")
+        rows = study_rows(qconfig.load(path), args.mfu)
+        plan = markdown_table(rows, args.mfu) if rows else "No cell to train (public checkpoint suites only)."
+        print(f"### {path}\n\n{plan}\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
+
+from qkrank.settings import AdamWSettings, OptimSettings, ScheduleSettings
 
 OPTIMIZERS = ("muon", "adamw")
 
@@ -36,18 +39,24 @@ def split_parameters(model: nn.Module, optimizer: str) -> dict[str, list[tuple[s
     return {k: v for k, v in groups.items() if v}
 
 
-def _adamw_groups(params: list[nn.Parameter], settings: dict) -> list[dict]:
+def _adamw_groups(params: list[nn.Parameter], settings: AdamWSettings) -> list[dict]:
     """AdamW parameter groups of one settings block; weight decay only for tensors of 2+ dims."""
     # Decay would pull γ (and any gain) toward 0, not toward its initial 1, biasing the very
     # quantity under study; so only matrices and embeddings are decayed.
     decayed = [p for p in params if p.ndim >= 2]
     undecayed = [p for p in params if p.ndim < 2]
-    return [{"params": ps, "lr": settings["lr"], "betas": (settings["beta1"], settings["beta2"]),
-             "eps": settings["eps"], "weight_decay": wd}
-            for ps, wd in ((decayed, settings["weight_decay"]), (undecayed, 0.0)) if ps]
+    return [{"params": ps, "lr": settings.lr, "betas": (settings.beta1, settings.beta2), "eps": settings.eps,
+             "weight_decay": wd}
+            for ps, wd in ((decayed, settings.weight_decay), (undecayed, 0.0)) if ps]
 
 
-def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[str, torch.optim.Optimizer]:
+def hidden_adamw(optim: OptimSettings) -> AdamWSettings:
+    """adamw cells' hidden matrices: ``optim.adamw_hidden``'s fields where set, else ``optim.adamw``'s."""
+    given = optim.adamw_hidden.to_dict() if optim.adamw_hidden else {}
+    return dataclasses.replace(optim.adamw, **{k: v for k, v in given.items() if v is not None})
+
+
+def build_optimizers(model: nn.Module, optimizer: str, optim: OptimSettings) -> dict[str, torch.optim.Optimizer]:
     """One torch optimizer per non-empty group, keyed "muon"/"adamw".
 
     Both kinds of cell give the parameters outside the hidden matrices (embeddings, head, γ, 1-D) the same
@@ -56,40 +65,40 @@ def build_optimizers(model: nn.Module, optimizer: str, optim_cfg: dict) -> dict[
     same AdamW after the shared ones. So an adamw cell changes the hidden matrices' optimizer and nothing else.
     """
     groups = split_parameters(model, optimizer)
-    a = optim_cfg["adamw"]
+    a = optim.adamw
     out: dict[str, torch.optim.Optimizer] = {}
     if "muon" in groups:
-        m = optim_cfg["muon"]
+        m = optim.muon
         out["muon"] = torch.optim.Muon(
-            [p for _, p in groups["muon"]], lr=m["lr"], momentum=m["momentum"], nesterov=m["nesterov"],
-            ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"], weight_decay=m["weight_decay"])
+            [p for _, p in groups["muon"]], lr=m.lr, momentum=m.momentum, nesterov=m.nesterov,
+            ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr_fn, weight_decay=m.weight_decay)
     named = groups.get("adamw", [])
     hidden = [p for name, p in named if optimizer == "adamw" and is_hidden_matrix(name, p)]
     hidden_ids = {id(p) for p in hidden}
     param_groups = _adamw_groups([p for _, p in named if id(p) not in hidden_ids], a)
-    for group in _adamw_groups(hidden, {**a, **(optim_cfg.get("adamw_hidden") or {})}):
+    for group in _adamw_groups(hidden, hidden_adamw(optim)):
         param_groups.append({**group, "hidden": True})
     if param_groups:
-        out["adamw"] = torch.optim.AdamW(param_groups, lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"])
+        out["adamw"] = torch.optim.AdamW(param_groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps)
     for opt in out.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return out
 
 
-def lr_factor(tokens_seen: int, total_tokens: int, schedule: dict) -> float:
+def lr_factor(tokens_seen: int, total_tokens: int, schedule: ScheduleSettings) -> float:
     """Multiplier of the base learning rate for the step that ends at ``tokens_seen`` tokens.
 
     Linear warmup (tokens_seen / warmup_tokens), then constant, linear or cosine decay to min_lr_ratio.
     """
-    warmup = schedule["warmup_tokens"]
+    warmup = schedule.warmup_tokens
     if warmup and tokens_seen < warmup:
         return tokens_seen / warmup
-    if schedule["decay"] == "constant" or total_tokens <= warmup:
+    if schedule.decay == "constant" or total_tokens <= warmup:
         return 1.0
     progress = min(1.0, (tokens_seen - warmup) / (total_tokens - warmup))
-    floor = schedule["min_lr_ratio"]
-    if schedule["decay"] == "linear":
+    floor = schedule.min_lr_ratio
+    if schedule.decay == "linear":
         return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -27,6 +27,7 @@ from qkrank.data import DataError, TokenShards, sha256_file
 from qkrank.model import GPT, SITES, TENSORS, ModelConfig
 from qkrank.provenance import hdf5_attributes
 from qkrank.rank import SpectrumAccumulator, all_metrics, per_sequence_pr, weight_spectra
+from qkrank.settings import CellSettings, ProbeSettings
 
 SCHEMA_VERSION = layout.PROBE_SCHEMA_VERSION
 # Below 16 × head_dim probe tokens per head a spectrum reflects sample size as well as the model: even for
@@ -47,9 +48,9 @@ class ProbeWarning(UserWarning):
     """A probe that runs but whose numbers deserve caution (small batch, float16 overflow in ``act``)."""
 
 
-def probe_batch(shards: TokenShards, probe_cfg: dict, train_seq_len: int) -> np.ndarray:
+def probe_batch(shards: TokenShards, probe: ProbeSettings, train_seq_len: int) -> np.ndarray:
     """The probe batch, (n_sequences, seq_len) held-out tokens: identical for every checkpoint, mode and seed."""
-    return shards.fixed_windows("val", probe_cfg["n_sequences"], probe_cfg["seq_len"] or train_seq_len)
+    return shards.fixed_windows("val", probe.n_sequences, probe.seq_len or train_seq_len)
 
 
 def batch_hash(windows: np.ndarray) -> str:
@@ -198,25 +199,25 @@ def is_complete_probe_file(path: str | Path) -> bool:
     return probe_file_problem(path) is None
 
 
-def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, out: Path) -> None:
+def probe_snapshot(settings: CellSettings | dict, data_dir: Path, run_dir: Path, tokens: int, out: Path) -> None:
     """Probe the snapshot at ``tokens`` of the cell in ``run_dir`` and write ``out`` atomically."""
+    settings = CellSettings.of(settings)
     snap = load_snapshot(Path(run_dir), tokens)
     model_cfg = ModelConfig(**snap["model_config"])
-    cell = settings["cell"]
-    if model_cfg.norm_mode != cell["mode"]:
-        raise ProbeError(f"{run_dir}: snapshot mode {model_cfg.norm_mode!r} != cell mode {cell['mode']!r}")
-    probe_cfg = settings["probe"]
+    cell, probe = settings.cell, settings.probe
+    if model_cfg.norm_mode != cell.mode:
+        raise ProbeError(f"{run_dir}: snapshot mode {model_cfg.norm_mode!r} != cell mode {cell.mode!r}")
     try:
-        device = runtime.resolve_device(probe_cfg["device"])
+        device = runtime.resolve_device(probe.device)
     except RuntimeError:
         raise ProbeError("config field 'probe.device': 'cuda' requested but CUDA is not available; "
                          "use 'auto' or 'cpu'") from None
-    torch.set_num_threads(settings["resources"]["probe"]["cpus"])
+    torch.set_num_threads(settings.resources.probe.cpus)
     model = GPT(model_cfg)
     model.load_state_dict(snap["model"])
     model.to(device)
     shards = TokenShards(data_dir)
-    windows = probe_batch(shards, probe_cfg, settings["train"]["seq_len"])
+    windows = probe_batch(shards, probe, settings.train.seq_len)
     n_tokens = int(windows.size)
     message = small_batch_message(n_tokens, model_cfg.head_dim)
     if message:
@@ -224,10 +225,10 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
     if n_tokens > len(shards.splits["val"]):
         warnings.warn(f"probe batch of {n_tokens} tokens is larger than the val split ({len(shards.splits['val'])} "
                       f"tokens): its windows overlap; lower probe.n_sequences or add data", ProbeWarning, stacklevel=2)
-    keep_activations = saves_activations(probe_cfg["save_activations"], model_cfg, n_tokens)
+    keep_activations = saves_activations(probe.save_activations, model_cfg, n_tokens)
     attrs = {
-        "scale": cell["scale"], "mode": cell["mode"], "optimizer": cell["optimizer"], "seed": cell["seed"],
-        "cell": cell["id"], "tokens_seen": int(snap["tokens_seen"]), "step": int(snap["step"]),
+        "scale": cell.scale, "mode": cell.mode, "optimizer": cell.optimizer, "seed": cell.seed,
+        "cell": cell.id, "tokens_seen": int(snap["tokens_seen"]), "step": int(snap["step"]),
         "config_hash": snap["config_hash"], "probe_batch_hash": batch_hash(windows),
         "n_probe_sequences": int(windows.shape[0]), "probe_seq_len": int(windows.shape[1]),
         "n_probe_tokens": n_tokens, "activations_saved": keep_activations,
@@ -243,9 +244,9 @@ def probe_snapshot(settings: dict, data_dir: Path, run_dir: Path, tokens: int, o
         f.attrs.update(attrs)
         writer = None
         if keep_activations:
-            writer = ActivationWriter(f, model_cfg, n_tokens, probe_cfg["chunk_sequences"] * windows.shape[1])
+            writer = ActivationWriter(f, model_cfg, n_tokens, probe.chunk_sequences * windows.shape[1])
         per_sequence: dict[str, list[np.ndarray]] = {}
-        spectra = measure(model, windows, probe_cfg["chunk_sequences"], device, writer, per_sequence)
+        spectra = measure(model, windows, probe.chunk_sequences, device, writer, per_sequence)
         write_spectra(f, spectra, model.gammas(), model_cfg.n_layers, per_sequence, int(windows.shape[1]))
         write_weight_spectra(f, model)
         f.attrs["complete"] = True  # written last: a file without it is never trusted

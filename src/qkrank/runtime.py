@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from qkrank.settings import TrainSettings
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -79,7 +81,7 @@ def cpu_has_native_bf16() -> bool:
         return "AMX" in torch.backends.cpu.get_cpu_capability()
 
 
-def resolve_switches(train_cfg: dict, cuda: bool, bf16_native: bool) -> dict[str, bool]:
+def resolve_switches(train: TrainSettings, cuda: bool, bf16_native: bool) -> dict[str, bool]:
     """The precision and GPU switches this job uses, from config and what the hardware offers.
 
     ``auto`` turns bf16 autocast on where the job's device has native bf16 (a CUDA GPU with bf16 tensor
@@ -87,9 +89,9 @@ def resolve_switches(train_cfg: dict, cuda: bool, bf16_native: bool) -> dict[str
     obeyed on CPU too for bf16 and compile (CPU autocast, inductor on CPU); TF32 exists only on CUDA, so it
     is off on CPU whatever the config says.
     """
-    return {"bf16": resolve_switch(train_cfg["bf16"], bf16_native),
-            "compile": resolve_switch(train_cfg["compile"], cuda),
-            "tf32": resolve_switch(train_cfg["tf32"], cuda) and cuda}
+    return {"bf16": resolve_switch(train.bf16, bf16_native),
+            "compile": resolve_switch(train.compile, cuda),
+            "tf32": resolve_switch(train.tf32, cuda) and cuda}
 
 
 def resolve_device(choice: str, local_rank: int = 0, cuda_available: bool | None = None) -> torch.device:
@@ -109,7 +111,7 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def init(train_cfg: dict, job_cpus: int = 1) -> Runtime:
+def init(train: TrainSettings, job_cpus: int = 1) -> Runtime:
     """Set up this process: DDP when launched by torchrun (WORLD_SIZE > 1), threads, TF32.
 
     Threads: ``train.threads`` if set, else the job's CPUs shared among its processes.
@@ -117,13 +119,13 @@ def init(train_cfg: dict, job_cpus: int = 1) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(train_cfg["device"], local_rank)
+    device = resolve_device(train.device, local_rank)
     cuda = device.type == "cuda"
-    torch.set_num_threads(train_cfg["threads"] or max(1, job_cpus // world_size))
+    torch.set_num_threads(train.threads or max(1, job_cpus // world_size))
     if cuda:
         torch.cuda.set_device(device)
     bf16_native = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_has_native_bf16()
-    switches = resolve_switches(train_cfg, cuda, bf16_native)
+    switches = resolve_switches(train, cuda, bf16_native)
     rt = Runtime(device=device, rank=rank, world_size=world_size, **switches)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(rt.backend)

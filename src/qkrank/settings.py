@@ -337,6 +337,17 @@ class CellSettings(_Section):
         out["data"].pop("num_proc")
         return out
 
+    @functools.cached_property
+    def plain(self) -> dict:
+        """``to_dict()``, once: the mapping (settings.json) that the workflow's torch-free helpers take
+        (qkrank.config's schedule and rerun identity, qkrank.snapshots)."""
+        return self.to_dict()
+
+    @classmethod
+    def of(cls, settings: CellSettings | Mapping) -> CellSettings:
+        """Typed settings from either form (a stage's entry point accepts both)."""
+        return settings if isinstance(settings, cls) else cls.from_dict(settings)
+
 
 # The schema object each class mirrors, as a JSON pointer into workflow/schemas/config.schema.yaml.
 _SCALE, _DATA = "/$defs/scale/properties", "/properties/data/properties"

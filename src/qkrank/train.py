@@ -31,6 +31,7 @@ from qkrank.metrics import Progress, write_csv
 from qkrank.model import GPT, ModelConfig
 from qkrank.optim import build_optimizers, lr_factor, set_lr
 from qkrank.provenance import provenance
+from qkrank.settings import CellSettings
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
 
@@ -44,15 +45,15 @@ class Preempted(Exception):
     """A stop signal arrived; a resume checkpoint was written and the job should be run again."""
 
 
-def build_model(settings: dict, vocab_size: int | None = None) -> GPT:
+def build_model(settings: CellSettings | dict, vocab_size: int | None = None) -> GPT:
     """The cell's model, initialised from its seed (identical across norm modes for one seed)."""
-    fields = {k: v for k, v in settings["model"].items() if k != "preset"}
-    cfg = ModelConfig.from_preset(settings["model"]["preset"], norm_mode=settings["cell"]["mode"], **fields)
+    settings = CellSettings.of(settings)
+    cfg = ModelConfig.from_preset(settings.model.preset, norm_mode=settings.cell.mode, **settings.model.overrides())
     if vocab_size is not None and vocab_size > cfg.vocab_size:
         raise qconfig.ConfigError(
-            f"config field 'scales.{settings['cell']['scale']}.model.vocab_size': the model's vocabulary "
+            f"config field 'scales.{settings.cell.scale}.model.vocab_size': the model's vocabulary "
             f"({cfg.vocab_size}) is smaller than the tokenizer's ({vocab_size}); set it to at least {vocab_size}")
-    torch.manual_seed(settings["cell"]["seed"])
+    torch.manual_seed(settings.cell.seed)
     return GPT(cfg)
 
 
@@ -106,20 +107,21 @@ def _same_on_all_ranks(value: int, rt: runtime.Runtime) -> bool:
     return both[0].item() == -both[1].item()
 
 
-def train_cell(settings: dict, data_dir: Path, run_dir: Path, until: int | None = None) -> dict:
+def train_cell(settings: CellSettings | dict, data_dir: Path, run_dir: Path, until: int | None = None) -> dict:
     """Train (or resume) one cell; returns the run manifest written to ``run_dir/train.json``.
 
     ``until``: train one segment, up to that snapshot point, and write only its snapshot (qkrank.snapshots:
     what the workflow does, so each snapshot can be probed, and freed, while training goes on).
     """
-    rt = runtime.init(settings["train"], settings["resources"]["train"]["cpus"])
+    settings = CellSettings.of(settings)
+    rt = runtime.init(settings.train, settings.resources.train.cpus)
     with runtime.StopSignal() as stop:
         return _train(settings, Path(data_dir), Path(run_dir), rt, stop, until)
 
 
-def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal,
+def _train(settings: CellSettings, data_dir: Path, run_dir: Path, rt: runtime.Runtime, stop: runtime.StopSignal,
            until: int | None = None) -> dict:
-    stop_at = snapshots.check_segment(settings, until)
+    stop_at = snapshots.check_segment(settings.plain, until)
     run = start_or_resume(settings, data_dir, run_dir, rt, until)
     if run.tokens_seen > stop_at:
         raise checkpoint.CheckpointError(f"{run.resumed_from}: resume state at {run.tokens_seen:,} tokens is past "
@@ -145,7 +147,7 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
                 save(run, val_loss)
             runtime.barrier(rt)
             run.progress.close()
-            raise Preempted(f"{run.cell['id']}: stop signal received; resume checkpoint written at "
+            raise Preempted(f"{run.cell.id}: stop signal received; resume checkpoint written at "
                             f"{run.tokens_seen:,} tokens (step {run.step}) in {run.resume_dir}")
     run.progress.close()
     if stop_at < run.total_tokens:  # a segment: the next one resumes from the resume state just written
@@ -154,24 +156,24 @@ def _train(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime, s
     return finish(run)
 
 
-def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.Runtime,
+def start_or_resume(settings: CellSettings, data_dir: Path, run_dir: Path, rt: runtime.Runtime,
                     until: int | None = None) -> CellRun:
     """The model, optimizers and data of a cell, restored from its newest valid resume checkpoint if any.
 
     A segment (``until``) starts from the previous segment's state file (qkrank.snapshots.segment_start), or
     from a resume checkpoint its own earlier attempt wrote past that point (a stop signal mid-segment).
     """
-    cell, train_cfg = settings["cell"], settings["train"]
-    micro, seq_len = train_cfg["micro_batch"], train_cfg["seq_len"]
+    cell, train = settings.cell, settings.train
+    micro, seq_len = train.micro_batch, train.seq_len
     if micro % rt.world_size:
-        raise qconfig.ConfigError(f"config field 'scales.{cell['scale']}.train.micro_batch': {micro} is not "
+        raise qconfig.ConfigError(f"config field 'scales.{cell.scale}.train.micro_batch': {micro} is not "
                                   f"divisible by the {rt.world_size} processes this job was launched with")
     shards = TokenShards(data_dir)
     model = build_model(settings, shards.vocab_size).to(rt.device)
-    optimizers = build_optimizers(model, cell["optimizer"], settings["optim"])
-    cfg_hash = qconfig.config_hash(qconfig.training_identity(settings))
+    optimizers = build_optimizers(model, cell.optimizer, settings.optim)
+    cfg_hash = qconfig.config_hash(qconfig.training_identity(settings.plain))
     resume_dir = run_dir / "resume"
-    start = snapshots.segment_start(run_dir, until, settings) if until is not None else None
+    start = snapshots.segment_start(run_dir, until, settings.plain) if until is not None else None
     state = checkpoint.latest_valid(resume_dir, cfg_hash, after=start[0] if start else None)
     if state is None and start is not None:
         if not start[1].exists():
@@ -197,9 +199,9 @@ def start_or_resume(settings: dict, data_dir: Path, run_dir: Path, rt: runtime.R
     run = CellRun(settings=settings, rt=rt, run_dir=run_dir, shards=shards, model=model, optimizers=optimizers,
                   train_model=train_model, forward=torch.compile(train_model) if rt.compile else train_model,
                   n_windows=shards.n_windows("train", seq_len + 1),
-                  val_windows=shards.fixed_windows("val", max(1, train_cfg["val_tokens"] // seq_len), seq_len + 1),
+                  val_windows=shards.fixed_windows("val", max(1, train.val_tokens // seq_len), seq_len + 1),
                   cfg_hash=cfg_hash, **restored)
-    run.progress = Progress(cell["id"], run.total_tokens, run.tokens_seen, enabled=rt.is_main)
+    run.progress = Progress(cell.id, run.total_tokens, run.tokens_seen, enabled=rt.is_main)
     run.progress.line(f"{'resumed from ' + run.resumed_from if run.resumed_from else 'starting'} at "
                       f"{run.tokens_seen:,} tokens; {run.step_tokens:,} tokens/step; {json.dumps(rt.describe())}")
     run.t_start = time.perf_counter()
@@ -211,22 +213,22 @@ def train_step(run: CellRun, stop: runtime.StopSignal, faults: Faults) -> tuple[
 
     Returns the validation loss (None when none was due) and whether any process was asked to stop.
     """
-    rt, train_cfg, schedule = run.rt, run.train_cfg, run.settings["optim"]["schedule"]
+    rt, train, schedule = run.rt, run.train, run.settings.optim.schedule
     t0 = time.perf_counter()
-    starts = batch_starts(run.cell["seed"], run.step, run.n_windows, run.micro * train_cfg["grad_accum"])
+    starts = batch_starts(run.cell.seed, run.step, run.n_windows, run.micro * train.grad_accum)
     local_loss = _forward_backward(run.forward, run.train_model, run.shards,
-                                   starts.reshape(train_cfg["grad_accum"], run.micro), rt, train_cfg["seq_len"])
+                                   starts.reshape(train.grad_accum, run.micro), rt, train.seq_len)
     # One collective per step: the mean loss, and whether any process was asked to stop.
     reduced = runtime.all_reduce_sum(
         torch.stack([local_loss.float(), torch.tensor(float(stop.received is not None), device=rt.device)]), rt)
     train_loss = faults.loss(run.step + 1, (reduced[0] / rt.world_size).item())
-    clip = train_cfg["grad_clip"]
+    clip = train.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip if clip else float("inf")).item()
     for name, value in (("training loss", train_loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             kept = checkpoint.list_checkpoints(run.resume_dir)
             raise TrainingDiverged(
-                f"{run.cell['id']}: {name} is {value} at step {run.step + 1} (tokens seen {run.tokens_seen:,}); "
+                f"{run.cell.id}: {name} is {value} at step {run.step + 1} (tokens seen {run.tokens_seen:,}); "
                 f"stopped before the optimizer update. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none'} (resume/ is left as it is)")
     lrs = set_lr(run.optimizers, lr_factor(run.tokens_seen + run.step_tokens, run.total_tokens, schedule))
@@ -238,9 +240,9 @@ def train_step(run: CellRun, stop: runtime.StopSignal, faults: Faults) -> tuple[
     run.tokens_seen += run.step_tokens
     tokens_per_s = run.step_tokens / (time.perf_counter() - t0)
     val_loss = None
-    if run.tokens_seen % train_cfg["val_every_tokens"] == 0 or run.at_snapshot:
+    if run.tokens_seen % train.val_every_tokens == 0 or run.at_snapshot:
         val_loss = validation_loss(run.model, run.val_windows, run.micro, rt)
-    if run.step % train_cfg["log_every_steps"] == 0 or val_loss is not None:
+    if run.step % train.log_every_steps == 0 or val_loss is not None:
         run.rows.append({"tokens_seen": run.tokens_seen, "step": run.step, "train_loss": train_loss,
                          "val_loss": val_loss, "lr_muon": lrs.get("muon"), "lr_adamw": lrs.get("adamw"),
                          "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
@@ -265,7 +267,7 @@ def save(run: CellRun, val_loss: float | None) -> None:
             path = snapshots.kept_path(run.run_dir, run.tokens_seen)
             checkpoint.atomic_save(snapshot_state(run, val_loss), path)
             if run.until is not None:
-                snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
+                snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings.plain)
         save_resume(run)
     write_csv(run.rows, run.run_dir / "metrics.csv")  # readable while the cell runs
 
@@ -281,26 +283,26 @@ def save_segment_end(run: CellRun, val_loss: float | None) -> None:
     mid-segment resume checkpoints are then obsolete."""
     path = snapshots.temp_path(run.run_dir, run.tokens_seen)
     checkpoint.atomic_save({**resume_state(run), "val_loss": val_loss}, path)
-    if run.tokens_seen in qconfig.kept_snapshot_tokens(run.settings):
+    if run.tokens_seen in qconfig.kept_snapshot_tokens(run.settings.plain):
         checkpoint.atomic_save(snapshot_state(run, val_loss), snapshots.kept_path(run.run_dir, run.tokens_seen))
-    snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings)
+    snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings.plain)
     checkpoint.prune(run.resume_dir, 0)
 
 
 def save_resume(run: CellRun) -> None:
     """``resume/{tokens}.pt``: everything a killed job restarts from; older ones beyond the configured count go."""
     checkpoint.atomic_save(resume_state(run), run.resume_dir / f"{run.tokens_seen}.pt")
-    checkpoint.prune(run.resume_dir, run.train_cfg["keep_resume_checkpoints"])
+    checkpoint.prune(run.resume_dir, run.train.keep_resume_checkpoints)
 
 
 def resume_state(run: CellRun) -> dict:
     """Everything a killed job restarts from (qkrank.checkpoint.resume_state) after ``run.step``."""
-    schedule = run.settings["optim"]["schedule"]
+    schedule = run.settings.optim.schedule
     resume_meta = {**run.meta(), "wall_s": run.wall_s(),
                    # Batches are a pure function of (seed, step): the next step index is the data position.
-                   "data_position": {"seed": run.cell["seed"], "next_step": run.step,
-                                     "rows_per_step": run.micro * run.train_cfg["grad_accum"]},
-                   "schedule": {**schedule, "next_lr_factor": lr_factor(run.tokens_seen + run.step_tokens,
+                   "data_position": {"seed": run.cell.seed, "next_step": run.step,
+                                     "rows_per_step": run.micro * run.train.grad_accum},
+                   "schedule": {**schedule.to_dict(), "next_lr_factor": lr_factor(run.tokens_seen + run.step_tokens,
                                                                         run.total_tokens, schedule)}}
     return checkpoint.resume_state(run.model, run.optimizers, resume_meta, run.rows)
 
@@ -310,8 +312,9 @@ def finish(run: CellRun) -> dict:
     manifest = {}
     if run.rt.is_main:
         write_csv(run.rows, run.run_dir / "metrics.csv")
-        kept, freed = snapshots.manifest_entries(run.run_dir, run.settings)
-        manifest = {"cell": run.cell, "config_hash": run.cfg_hash, "data_hash": run.shards.content_hash,
+        kept, freed = snapshots.manifest_entries(run.run_dir, run.settings.plain)
+        manifest = {"cell": run.settings.plain["cell"], "config_hash": run.cfg_hash,
+                    "data_hash": run.shards.content_hash,
                     "tokens_seen": run.tokens_seen, "steps": run.step, "tokens_per_step": run.step_tokens,
                     "snapshots": kept, "freed_snapshots": freed, "n_params": run.model.num_params(),
                     "runtime": run.rt.describe(), "provenance": provenance()}

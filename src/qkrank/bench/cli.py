@@ -139,6 +139,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if "GLIBC_TUNABLES" not in os.environ:
+        # Measure the step as the workflow's jobs run it (qkrank.launch: freed memory kept in the process); the
+        # allocator reads its tunables only when a process starts.
+        from qkrank.launch import job_env
+
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "qkrank.bench", *argv], job_env(os.environ))
     if args.gpu_peak_tflops is not None:
         os.environ[PEAK_ENV] = str(args.gpu_peak_tflops)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,18 @@ from qkrank.model import ModelConfig
 
 
 def _bench_settings(quick: bool, threads: int, data: dict) -> dict:
-    """Cell settings of the default study's ``tiny`` scale, trained for one checkpoint interval."""
+    """Cell settings of the default study's ``tiny`` scale, trained for one checkpoint interval: the mean
+    interval between its probe points, in whole optimizer steps."""
     from qkrank import config as qconfig
 
     study = qconfig.load(qconfig.DEFAULT_CONFIG_PATH)
+    marks = qconfig.checkpoint_tokens(qconfig.cell_settings(study, qconfig.cells(study)[0]))
     scale = copy.deepcopy(study["scales"]["tiny"])
     scale.pop("cell", None)
     train = scale["train"]
+    step = qconfig.tokens_per_step(train)
+    train.pop("checkpoints", None)
+    train["checkpoint_every_tokens"] = max(1, round(marks[-1] / (len(marks) - 1) / step)) * step
     if quick:
         train.update(micro_batch=4, grad_accum=1, seq_len=128, val_tokens=512)
         scale["model"]["vocab_size"] = data["tokenizer"]["vocab_size"]

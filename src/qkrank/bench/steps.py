@@ -14,13 +14,13 @@ import torch.nn as nn
 from qkrank.bench.core import _synchronize
 from qkrank.model import GPT, CausalSelfAttention, apply_rope
 from qkrank.optim import build_optimizers
+from qkrank.settings import AdamWSettings, MuonSettings, OptimSettings, ScheduleSettings
 
 # Optimizer settings of the speed runs; step time does not depend on these values.
-BENCH_OPTIM = {
-    "muon": {"lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_fn": None,
-             "weight_decay": 0.0},
-    "adamw": {"lr": 0.003, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0},
-}
+BENCH_OPTIM = OptimSettings(
+    muon=MuonSettings(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn=None, weight_decay=0.0),
+    adamw=AdamWSettings(lr=0.003, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0),
+    schedule=ScheduleSettings(warmup_tokens=0, decay="constant", min_lr_ratio=1.0))
 
 
 class NaiveAttention(CausalSelfAttention):
