@@ -18,15 +18,14 @@ from pathlib import Path
 from qkrank.layout import AGGREGATE_CODE as CODE  # noqa: F401  (the workflow's code inputs)
 from qkrank.layout import AGGREGATE_OUTPUTS as OUTPUTS  # noqa: F401  (read by tests and docs)
 from qkrank.layout import MARKDOWN_NAMES, TABLE_NAMES  # noqa: F401
-from qkrank.settings import StudySettings
+from qkrank.settings import AggregateSettings, StudySettings
 
 
-def build_tables(study: StudySettings, frames: dict) -> dict:
+def build_tables(agg: AggregateSettings, frames: dict) -> dict:
     """Every table of OUTPUTS from the collected frames, plus the scenario results ('scenarios')."""
     from qkrank import analyses, compare
     from qkrank import tables as t
 
-    agg = study.aggregate
     level, site = agg.ci_level, agg.site
     mpr = t.mean_pr(frames["probes"])
     kpr = t.key_mean_pr(mpr, site)
@@ -73,7 +72,7 @@ def aggregate(study: StudySettings | dict, results: Path) -> dict:
     study = StudySettings.from_dict(study)
     agg = study.aggregate
     level = agg.ci_level
-    tables = build_tables(study, collect(study, results))
+    tables = build_tables(agg, collect(study, results))
     found = compare.verdicts(tables["scenarios"])
     hours = planner.hours_per_cell(study)
     for v in found:
