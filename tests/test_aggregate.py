@@ -318,6 +318,23 @@ def test_one_mode_one_seed_study_has_empty_intervals_and_no_gamma(tmp_path):
     assert "No mode of this study has γ" in (tmp_path / "results" / "tables" / "gamma_cv_final.md").read_text()
 
 
+def test_the_command_line_writes_what_aggregate_of_the_config_writes(tmp_path):
+    """``main`` types the config once (qkrank.settings.StudySettings); ``aggregate`` given the plain dict agrees."""
+    cfg = synthetic_config(modes=["learned", "none"], seeds=[0, 1], marks=[600])
+    results = build_study(tmp_path, cfg)
+    agg.aggregate(cfg, results)
+    written = {p.relative_to(results): p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()}
+    for p in [results / "verdict.json", *(results / "tables").iterdir()]:
+        p.unlink()
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(cfg))
+    agg.main(["--config", str(config_json), "--results", str(results)])
+    assert {p.relative_to(results): p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()} == written
+    with pytest.raises(SystemExit, match=r"qkrank.aggregate: error: config field 'aggregate.ci_lvel'"):
+        config_json.write_text(json.dumps(cfg | {"aggregate": cfg["aggregate"] | {"ci_lvel": 0.9}}))
+        agg.main(["--config", str(config_json), "--results", str(results)])
+
+
 def test_default_study_size_aggregates_in_seconds_reading_each_file_once(tmp_path, monkeypatch):
     """3 cells × 13 checkpoints × 4 layers × 3 sites × 2 tensors, as the default config."""
     cfg = synthetic_config(seeds=[0], n_layers=4, total_tokens=6144, every=512, marks=[1536, 3072, 6144])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import typing
 from pathlib import Path
@@ -12,10 +13,14 @@ from conftest import micro_config
 from qkrank import config as qconfig
 from qkrank.settings import (
     SCHEMA_POINTERS,
+    AggregateSettings,
+    CellInfo,
     CellSettings,
     DataSettings,
+    GridSettings,
     ModelSettings,
     SettingsError,
+    StudySettings,
     TrainSettings,
 )
 
@@ -35,7 +40,7 @@ def resolve(schema: dict, node: dict) -> dict:
 
 def schema_object(schema: dict, pointer: str) -> dict:
     node = schema
-    for name in pointer.strip("/").split("/"):
+    for name in filter(None, pointer.split("/")):  # "" = the whole config
         node = node[name]
     return resolve(schema, node)
 
@@ -52,11 +57,29 @@ def allowed_types(prop: dict, schema: dict) -> set:
 
 def annotation_types(tp) -> set:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is tuple:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
         return {tuple}
+    if isinstance(origin, type) and issubclass(origin, collections.abc.Mapping):
+        return {object}
     if args:
         return set().union(*(annotation_types(a) for a in args))
     return {object if dataclasses.is_dataclass(tp) else tp}
+
+
+def item_types(prop: dict, schema: dict) -> set:
+    """The Python types an array field's items may have (empty when the field is no array)."""
+    prop = resolve(schema, prop)
+    if "oneOf" in prop:
+        return set().union(*(item_types(arm, schema) for arm in prop["oneOf"]))
+    return allowed_types(prop["items"], schema) if "items" in prop else set()
+
+
+def annotation_item_types(tp) -> set:
+    """The item types a field's tuple annotation (tuple[X, ...], possibly in a union) allows."""
+    if typing.get_origin(tp) is tuple:
+        return annotation_types(typing.get_args(tp)[0])
+    return set().union(*(annotation_item_types(a) for a in typing.get_args(tp)))
 
 
 @pytest.mark.parametrize("cls", list(SCHEMA_POINTERS), ids=lambda c: c.__name__)
@@ -83,6 +106,10 @@ def test_fields_mirror_the_schema(cls):
         if float in got:
             got.add(int)  # a JSON number may be written as 1
         assert want <= got, f"{cls.__name__}.{name}: annotation {got} lacks schema types {want}"
+        want_items, got_items = item_types(prop, schema), annotation_item_types(hints[name])
+        if float in got_items:
+            got_items.add(int)
+        assert want_items <= got_items, f"{cls.__name__}.{name}: items {got_items} lack schema types {want_items}"
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
@@ -98,6 +125,11 @@ def test_every_cell_of_the_shipped_studies_round_trips(study):
         assert typed.data.num_proc is None  # a cell's data settings leave the worker count out
     data = DataSettings.from_dict(config["data"])
     assert data.to_dict() == config["data"] and data.num_proc == config["data"]["num_proc"]
+    study = StudySettings.from_dict(config)
+    assert study.to_dict() == config  # what qkrank.config resolves the aggregate side's cells from
+    assert study.grid.modes == tuple(config["grid"]["modes"]) and study.results_dir == config["results_dir"]
+    assert study.aggregate.site == config["aggregate"]["site"]
+    assert study.aggregate.marks_tokens == tuple(config["aggregate"]["marks_tokens"])
 
 
 def test_from_dict_rejects_unknown_and_missing_fields_by_name():
@@ -138,3 +170,40 @@ def test_the_config_is_validated_once(monkeypatch):
     assert [s["train"]["val_tokens"] for s in settings] == [256, 256, 128]
     with pytest.raises(qconfig.ConfigError, match=rf"'cell_overrides.{override}.train.val_tokens'"):
         qconfig.load(micro_config(cell_overrides={override: {"train": {"val_tokens": 0}}}))
+
+
+def test_every_settings_class_is_checked_against_the_schema():
+    """A dataclass added to qkrank.settings without a schema pointer would escape test_fields_mirror_the_schema."""
+    import qkrank.settings as module
+
+    classes = {c for c in vars(module).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+               and c.__module__ == module.__name__}
+    # A resolved cell (qkrank.config.cell_settings) is no schema object; the round-trip test above covers it.
+    assert classes - set(SCHEMA_POINTERS) == {CellSettings, CellInfo}
+    assert set(SCHEMA_POINTERS) <= classes
+
+
+def test_a_misspelt_aggregate_key_is_named():
+    config = qconfig.load(micro_config())
+    typo = {**config, "aggregate": {**config["aggregate"], "ci_lvel": 0.9}}
+    with pytest.raises(SettingsError, match=r"'aggregate.ci_lvel': unknown key"):
+        StudySettings.from_dict(typo)
+    with pytest.raises(SettingsError, match=r"'aggregate.ci_lvel': unknown key"):
+        AggregateSettings.from_dict(typo["aggregate"])
+    missing = {k: v for k, v in config["aggregate"].items() if k != "site"}
+    with pytest.raises(SettingsError, match=r"'aggregate.site': missing"):
+        StudySettings.from_dict({**config, "aggregate": missing})
+    with pytest.raises(SettingsError, match=r"'grid.modes': missing"):
+        GridSettings.from_dict({k: v for k, v in config["grid"].items() if k != "modes"})
+    with pytest.raises(SettingsError, match=r"'config': expected a mapping"):
+        StudySettings.from_dict(["not", "a", "config"])
+
+
+def test_study_settings_are_built_once_and_passed_as_they_are():
+    config = qconfig.load(micro_config())
+    study = StudySettings.from_dict(config)
+    assert StudySettings.from_dict(study) is study  # the aggregate entry points accept either
+    assert isinstance(study.grid.seeds, tuple) and isinstance(study.aggregate.depths, tuple)
+    assert isinstance(study.data, DataSettings) and study.data.num_proc == config["data"]["num_proc"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.aggregate.ci_level = 0.5  # type: ignore[misc]

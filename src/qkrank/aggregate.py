@@ -18,24 +18,24 @@ from pathlib import Path
 from qkrank.layout import AGGREGATE_CODE as CODE  # noqa: F401  (the workflow's code inputs)
 from qkrank.layout import AGGREGATE_OUTPUTS as OUTPUTS  # noqa: F401  (read by tests and docs)
 from qkrank.layout import MARKDOWN_NAMES, TABLE_NAMES  # noqa: F401
+from qkrank.settings import AggregateSettings, StudySettings
 
 
-def build_tables(config: dict, frames: dict) -> dict:
+def build_tables(agg: AggregateSettings, frames: dict) -> dict:
     """Every table of OUTPUTS from the collected frames, plus the scenario results ('scenarios')."""
     from qkrank import analyses, compare
     from qkrank import tables as t
 
-    agg = config["aggregate"]
-    level, site = agg["ci_level"], agg["site"]
+    level, site = agg.ci_level, agg.site
     mpr = t.mean_pr(frames["probes"])
     kpr = t.key_mean_pr(mpr, site)
     per_seed = t.per_seed_summary(kpr, frames["losses"])
     gcv = t.gamma_cv(frames["gamma"])
     marks = t.marks_per_seed(frames["probes"], frames["losses"],
-                             t.resolve_marks(agg["marks_tokens"], frames["checkpoints"], agg["marks_from"]), site)
+                             t.resolve_marks(agg.marks_tokens, frames["checkpoints"], agg.marks_from), site)
     marks_long = t.marks_table(marks, level)
-    found = compare.scenarios(compare.compared_values(per_seed, marks), level, agg["verdict_margin"],
-                              agg["verdict_alpha"])
+    found = compare.scenarios(compare.compared_values(per_seed, marks), level, agg.verdict_margin,
+                              agg.verdict_alpha)
     points, gpr_seed, gpr = analyses.gamma_pr(gcv, frames["probes"], site, level)
     dims_seed, dims = analyses.gamma_dims(frames["gamma"], frames["dim_energy"], level)
     depth_seed, depth = analyses.depth_pr(frames["probes"], site, level)
@@ -63,29 +63,31 @@ def build_tables(config: dict, frames: dict) -> dict:
     }
 
 
-def aggregate(config: dict, results: Path) -> dict:
+def aggregate(study: StudySettings | dict, results: Path) -> dict:
+    """Every file of OUTPUTS under ``results``; ``study`` is the validated config, typed here if it is not yet."""
     from qkrank import compare, markdown, planner
     from qkrank.atomic import atomic_path, atomic_write_text
     from qkrank.collect import collect
 
-    agg = config["aggregate"]
-    level = agg["ci_level"]
-    tables = build_tables(config, collect(config, results))
+    study = StudySettings.from_dict(study)
+    agg = study.aggregate
+    level = agg.ci_level
+    tables = build_tables(agg, collect(study, results))
     found = compare.verdicts(tables["scenarios"])
-    hours = planner.hours_per_cell(config)
+    hours = planner.hours_per_cell(study)
     for v in found:
-        v["planner"] = planner.plan(v, agg["verdict_alpha"], agg["planner_power"], hours.get(v["scale"]),
-                                    len(config["grid"]["modes"]))
+        v["planner"] = planner.plan(v, agg.verdict_alpha, agg.planner_power, hours.get(v["scale"]),
+                                    len(study.grid.modes))
     out = results / "tables"
     for name in TABLE_NAMES:
         with atomic_path(out / f"{name}.csv") as tmp:
             tables[name].to_csv(tmp, index=False)
     text = {
         "mean_pr_ci": markdown.mean_pr_markdown(tables["mean_pr_ci"], level),
-        "gamma_cv_final": markdown.gamma_cv_markdown(tables["gamma_cv_final"], level, config["grid"]["modes"]),
+        "gamma_cv_final": markdown.gamma_cv_markdown(tables["gamma_cv_final"], level, study.grid.modes),
         "summary_seed004": markdown.summary_markdown(tables["summary_seed004"], level, tables["paired"]),
         "marks": markdown.marks_markdown(tables["marks"], level),
-        "paradox": markdown.paradox_markdown(tables["marks"], level, agg["top_fraction"]),
+        "paradox": markdown.paradox_markdown(tables["marks"], level, agg.top_fraction),
         "verdict": markdown.verdict_markdown(found),
         "paired": markdown.paired_markdown(tables["paired"]),
         "analyses": markdown.analyses_markdown(tables["gamma_pr"], tables["gamma_dims"], tables["depth_pr"],
@@ -108,8 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, help="results directory (default: the config's results_dir)")
     args = parser.parse_args(argv)
     try:
-        config = qconfig.load_from_args(args)
-        aggregate(config, args.results or Path(config["results_dir"]))
+        study = StudySettings.from_dict(qconfig.load_from_args(args))
+        aggregate(study, args.results or Path(study.results_dir))
     except (qconfig.ConfigError, AggregateError) as e:
         sys.exit(f"qkrank.aggregate: error: {e}")
 

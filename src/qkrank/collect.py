@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -11,6 +12,7 @@ import pandas as pd
 from qkrank import config as qconfig
 from qkrank.layout import attrs_problem, probe_path
 from qkrank.rank import METRICS, top_energy_share
+from qkrank.settings import StudySettings
 
 CELL_COLUMNS = ["scale", "mode", "optimizer", "seed"]
 GROUP_COLUMNS = ["scale", "mode", "optimizer"]  # a curve or table column: one mode, all its seeds
@@ -42,7 +44,7 @@ def _frame(columns: dict[str, list[np.ndarray]], ident: dict) -> pd.DataFrame:
     return pd.DataFrame({k: np.repeat(np.asarray([v]), n) for k, v in ident.items()} | data)
 
 
-def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
+def read_probe(path: Path, top_fraction: float, depths: Sequence[int] | None = None,
                spectrum_site: str = "roped") -> dict[str, pd.DataFrame]:
     """One probe file → metric rows (per head), γ rows (per entry) and, given ``depths``, normalised spectra."""
     # qkrank.layout's probe-file check, on the one open of each file
@@ -111,7 +113,7 @@ def read_probe(path: Path, top_fraction: float, depths: list[int] | None = None,
             "spectra": _frame(spectrum_cols, ident), "dim_energy": _frame(energy_cols, ident)}
 
 
-def depth_layers(n_layers: int, depths: list[int]) -> dict[int, str]:
+def depth_layers(n_layers: int, depths: Sequence[int]) -> dict[int, str]:
     """Layers for the spectral figure, each with its label; [] = first, middle, last; negatives count from the end."""
     if not depths:
         picks: dict[int, list[str]] = {}
@@ -139,17 +141,18 @@ def read_losses(results: Path, cell: qconfig.Cell) -> pd.DataFrame:
     return log
 
 
-def collect(config: dict, results: Path) -> dict[str, pd.DataFrame]:
-    """Tidy frames of every cell and checkpoint the config names; each probe file is opened once."""
-    agg = config["aggregate"]
+def collect(study: StudySettings, results: Path) -> dict[str, pd.DataFrame]:
+    """Tidy frames of every cell and checkpoint the study names; each probe file is opened once."""
+    agg = study.aggregate
+    config = study.to_dict()  # a cell's settings are resolved by qkrank.config
     parts = {"probes": [], "gamma": [], "spectra": [], "dim_energy": []}
     losses, checkpoints = [], []
     for cell in qconfig.cells(config):
         settings = qconfig.cell_settings(config, cell)
         tokens_list = qconfig.checkpoint_tokens(settings)
         for tokens in tokens_list:
-            frames = read_probe(probe_path(results, cell, tokens), agg["top_fraction"],
-                                agg["depths"] if tokens == tokens_list[-1] else None, agg["site"])
+            frames = read_probe(probe_path(results, cell, tokens), agg.top_fraction,
+                                agg.depths if tokens == tokens_list[-1] else None, agg.site)
             for name, frame in frames.items():
                 if len(frame):
                     parts[name].append(frame)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -211,7 +213,7 @@ def _mode_tensor_grid(block: pd.DataFrame, row_key: str, row_label, digits: int)
     return columns, rows
 
 
-def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: list[str]) -> str:
+def gamma_cv_markdown(final: pd.DataFrame, level: float, all_modes: Sequence[str]) -> str:
     """Seed 004 §5: γ CV per layer (rows) for q and k of each mode with γ (columns), at the final checkpoint."""
     without = [m for m in ordered(all_modes) if m not in set(final["mode"])]
     tail = f" {', '.join(without)}: no γ (no QK-Norm)." if without else ""

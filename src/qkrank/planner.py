@@ -18,15 +18,16 @@ from pathlib import Path
 
 from qkrank import config as qconfig
 from qkrank import stats
+from qkrank.settings import StudySettings
 
 DEFAULT_POWER = 0.8
 
 
-def hours_per_cell(config: dict) -> dict[str, float]:
+def hours_per_cell(study: StudySettings) -> dict[str, float]:
     """GPU-hours of one training cell per scale (the existing 6·N·D estimate at its default MFU)."""
     from qkrank.gpu_hours import study_rows
 
-    return {r["scale"]: r["gpu_hours_per_cell"] for r in study_rows(config)}
+    return {r["scale"]: r["gpu_hours_per_cell"] for r in study_rows(study.to_dict())}
 
 
 def plan(v: dict, alpha: float, power: float, cell_hours: float | None, n_modes: int,
@@ -102,15 +103,15 @@ def main(argv=None) -> None:
     if args.sd is not None and args.sd <= 0:
         parser.error(f"--sd {args.sd}: give a positive SD")
     try:
-        config = qconfig.load_from_args(args)
+        study = StudySettings.from_dict(qconfig.load_from_args(args))
     except qconfig.ConfigError as e:
         sys.exit(f"qkrank plan-seeds: error: {e}")
-    path = (args.results or Path(config["results_dir"])) / "verdict.json"
+    path = (args.results or Path(study.results_dir)) / "verdict.json"
     if not path.exists():
         sys.exit(f"qkrank plan-seeds: error: {path} is missing; run the workflow (aggregate step) first")
     verdicts = json.loads(path.read_text())
-    hours = hours_per_cell(config)
-    n_modes = len(config["grid"]["modes"])
+    hours = hours_per_cell(study)
+    n_modes = len(study.grid.modes)
     for v in verdicts:
         v["planner"] = plan(v, v.get("alpha", 0.05), args.power, hours.get(v["scale"]), n_modes, args.sd)
     print(markdown(verdicts))

@@ -50,18 +50,22 @@ def _build(cls, data, where: str):
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise SettingsError(f"settings field '{where}': expected a mapping, got {type(data).__name__}")
+        raise SettingsError(f"settings field '{where or 'config'}': expected a mapping, got {type(data).__name__}")
+
+    def field(name: str) -> str:  # the whole config (where == "") names its sections without a prefix
+        return f"{where}.{name}" if where else name
+
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SettingsError(f"settings field '{where}.{unknown[0]}': unknown key; valid keys: {sorted(names)}")
+        raise SettingsError(f"settings field '{field(unknown[0])}': unknown key; valid keys: {sorted(names)}")
     values = {}
     for f in fields(cls):
         if f.name not in data:
             if f.default is dataclasses.MISSING:
-                raise SettingsError(f"settings field '{where}.{f.name}': missing (is the config validated?)")
+                raise SettingsError(f"settings field '{field(f.name)}': missing (is the config validated?)")
             continue
-        values[f.name] = _convert(_hints(cls)[f.name], data[f.name], f"{where}.{f.name}")
+        values[f.name] = _convert(_hints(cls)[f.name], data[f.name], field(f.name))
     return cls(**values)
 
 
@@ -72,7 +76,7 @@ class _Section:
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str | None = None):
-        return _build(cls, data, where or cls.SECTION)
+        return _build(cls, data, cls.SECTION if where is None else where)
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -83,8 +87,10 @@ def _plain(value):
         # A field that may be left out of the config (default None) is left out again when it was.
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
                 if not (f.default is None and getattr(value, f.name) is None)}
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -349,6 +355,50 @@ class CellSettings(_Section):
         return settings if isinstance(settings, cls) else cls.from_dict(settings)
 
 
+# ---------------------------------------------------------------- the whole study (aggregate side)
+
+@dataclass(frozen=True)
+class GridSettings(_Section):
+    SECTION = "grid"
+    scales: tuple[str, ...]
+    modes: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AggregateSettings(_Section):
+    """What the aggregation reports (qkrank.aggregate, qkrank.summary, the seeds planner)."""
+
+    SECTION = "aggregate"
+    marks_tokens: tuple[int, ...]
+    marks_from: tuple[str, ...]
+    depths: tuple[int, ...]
+    ci_level: float
+    top_fraction: float
+    site: str
+    verdict_margin: float
+    verdict_alpha: float
+    planner_power: float
+
+
+@dataclass(frozen=True)
+class StudySettings(_Section):
+    """A whole validated config (``qkrank.config.load``), as the aggregate side reads it.
+
+    ``scales`` and ``cell_overrides`` stay the schema-filled mappings: a cell's settings are resolved from
+    them by ``qkrank.config.cell_settings`` (an hf scale has another shape), given ``to_dict()``.
+    """
+
+    SECTION = ""
+    results_dir: str
+    grid: GridSettings
+    data: DataSettings
+    scales: Mapping[str, Mapping]
+    cell_overrides: Mapping[str, Mapping]
+    aggregate: AggregateSettings
+
+
 # The schema object each class mirrors, as a JSON pointer into workflow/schemas/config.schema.yaml.
 _SCALE, _DATA = "/$defs/scale/properties", "/properties/data/properties"
 SCHEMA_POINTERS: dict[type, str] = {
@@ -369,4 +419,7 @@ SCHEMA_POINTERS: dict[type, str] = {
     HFSettings: f"{_DATA}/hf",
     HFSource: f"{_DATA}/hf/properties/sources/items",
     FilesSettings: f"{_DATA}/files",
+    GridSettings: "/properties/grid",
+    AggregateSettings: "/properties/aggregate",
+    StudySettings: "",
 }

@@ -21,6 +21,7 @@ from qkrank import suites
 from qkrank.atomic import atomic_write_text
 from qkrank.figures import FIGURES
 from qkrank.figures.labels import MODE_LABELS, format_tokens
+from qkrank.settings import StudySettings
 
 # Table sections in reading order: (heading, file under tables/, what the seed calls it).
 TABLE_SECTIONS = (
@@ -107,27 +108,28 @@ def figure_section(figures: list[Path], results: Path, captions: Path, out: Path
     return lines
 
 
-def render(config: dict, results: Path, figures: list[Path], captions: Path, out: Path) -> str:
-    grid, agg = config["grid"], config["aggregate"]
+def render(study: StudySettings, results: Path, figures: list[Path], captions: Path, out: Path) -> str:
+    grid, agg = study.grid, study.aggregate
+    config = study.to_dict()  # for qkrank.config's cells and the suites' note
     tables = results / "tables"
     verdicts = json.loads((results / "verdict.json").read_text())
-    marks = ", ".join(format_tokens(m) for m in agg["marks_tokens"]) or "the final checkpoint"
+    marks = ", ".join(format_tokens(m) for m in agg.marks_tokens) or "the final checkpoint"
     lines = [
         "# qkrank study summary", "",
-        f"Grid: scales {', '.join(grid['scales'])}; modes {', '.join(grid['modes'])}; optimizers "
-        f"{', '.join(grid['optimizers'])}; seeds {', '.join(map(str, grid['seeds']))} ({len(qconfig.cells(config))} "
+        f"Grid: scales {', '.join(grid.scales)}; modes {', '.join(grid.modes)}; optimizers "
+        f"{', '.join(grid.optimizers)}; seeds {', '.join(map(str, grid.seeds))} ({len(qconfig.cells(config))} "
         "cells). "
-        "Modes: " + "; ".join(f"`{m}` = {MODE_LABELS[m]}" for m in grid["modes"]) + ".", "",
-        f"PR = (Σσ)²/Σσ² of the key vectors of one head at site `{agg['site']}`; \"mean PR\" averages layers and "
-        f"heads. Intervals: {agg['ci_level']:.0%} Student-t over seeds (none with one seed). Token marks: {marks} "
+        "Modes: " + "; ".join(f"`{m}` = {MODE_LABELS[m]}" for m in grid.modes) + ".", "",
+        f"PR = (Σσ)²/Σσ² of the key vectors of one head at site `{agg.site}`; \"mean PR\" averages layers and "
+        f"heads. Intervals: {agg.ci_level:.0%} Student-t over seeds (none with one seed). Token marks: {marks} "
         "(nearest checkpoint used, named in each table).", "",
         "## Verdict (seed 004 §2)", "",
         *verdict_headline(verdicts), *suites.verdict_note(config), "",
         f"Rule (docs/verdict.md): per pair of modes, the per-seed differences (same seed, scale and optimizer) "
-        f"are tested with δ = {agg['verdict_margin']:.0%} of the pair's mean: *equivalent* when the paired TOST "
-        f"shows the difference inside ±δ (the {1 - 2 * agg['verdict_alpha']:.0%} interval inside ±δ), *different* "
+        f"are tested with δ = {agg.verdict_margin:.0%} of the pair's mean: *equivalent* when the paired TOST "
+        f"shows the difference inside ±δ (the {1 - 2 * agg.verdict_alpha:.0%} interval inside ±δ), *different* "
         "when a minimum-effect test shows it beyond δ and the paired interval excludes 0; the three decisions are "
-        f"Holm-controlled at α = {agg['verdict_alpha']:g}. A: learned differs from frozen and none, which are "
+        f"Holm-controlled at α = {agg.verdict_alpha:g}. A: learned differs from frozen and none, which are "
         "equivalent; B: learned ≈ frozen, none differs from both; C: all three differ; anything else, or fewer "
         "than two seeds, is undetermined. Evidence:", "",
         (tables / "verdict.md").read_text().strip(), "",
@@ -168,8 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--html", type=Path, help="also write the page as HTML (figures left out)")
     args = parser.parse_args(argv)
     try:
-        config = qconfig.load_from_args(args)
-        text = render(config, args.results, args.figures, args.captions, args.out)
+        study = StudySettings.from_dict(qconfig.load_from_args(args))
+        text = render(study, args.results, args.figures, args.captions, args.out)
     except (qconfig.ConfigError, SummaryError, FileNotFoundError) as e:
         sys.exit(f"qkrank.summary: error: {e}")
     atomic_write_text(args.out, text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -149,7 +151,7 @@ def nearest_checkpoint(mark: int, checkpoints) -> int:
     return int(min(checkpoints, key=lambda c: (abs(c - mark), c)))
 
 
-def resolve_marks(marks: list[int], checkpoints: pd.DataFrame, marks_from: list[str] = ()) -> pd.DataFrame:
+def resolve_marks(marks: Sequence[int], checkpoints: pd.DataFrame, marks_from: Sequence[str] = ()) -> pd.DataFrame:
     """Per cell and mark: the checkpoint used. No marks configured = each cell's final checkpoint.
     ``marks_from`` (aggregate.marks_from): the scale (run) each mark is taken from; other scales skip it."""
     rows = []
