@@ -17,7 +17,9 @@ def test_default_config_is_valid_and_has_three_modes():
     assert cfg["grid"]["modes"] == ["learned", "frozen", "none"]
     settings = qconfig.cell_settings(cfg, qconfig.cells(cfg)[0])
     marks = qconfig.checkpoint_tokens(settings)
-    assert marks[0] == 0 and marks[-1] == settings["train"]["total_tokens"] and len(marks) >= 10
+    assert marks[0] == 0 and marks[-1] == settings["train"]["total_tokens"] and len(marks) >= 8
+    # the keys collapse within the first 65,536 tokens: at least three probe points see it happen
+    assert len([t for t in marks if 0 < t <= 65536]) >= 3
 
 
 def test_defaults_are_filled_from_the_schema():

@@ -80,20 +80,22 @@ def build_tokenizer(data: DataSettings, sources: list[Source]):
         return load_pretrained(tok.name_or_path)
     budget = data.train_tokens and data.train_tokens * _BPE_CHARS_PER_TOKEN
 
+    seen = {"chars": 0}
+
     def train_texts():
         # Trained on training documents only, so validation text never shapes the vocabulary.
-        chars = 0
         for doc in iter_documents(data, sources):
             if is_validation(doc["id"], data.val_fraction):
                 continue
             yield doc["text"]
-            chars += len(doc["text"])
-            if budget and chars >= budget:
+            seen["chars"] += len(doc["text"])
+            if budget and seen["chars"] >= budget:
                 return
 
     trained = train_bpe(train_texts(), tok.vocab_size)
-    # BPE stops early when no pair is left to merge; the model would silently get a smaller vocabulary.
-    if trained.get_vocab_size() < tok.vocab_size:
+    # BPE stops early when no pair is left to merge; the model would silently get a smaller vocabulary. (No
+    # training text at all is the shard writer's error: an empty split, named there.)
+    if seen["chars"] and trained.get_vocab_size() < tok.vocab_size:
         raise DataError(f"config field 'data.tokenizer.vocab_size': {tok.vocab_size} is more than this corpus "
                         f"allows: byte-level BPE on its training documents ends at {trained.get_vocab_size()} "
                         f"tokens (no pair left to merge); use at most {trained.get_vocab_size()}, or more text")
