@@ -166,6 +166,26 @@ def test_kill_9_of_the_whole_workflow_then_the_readme_recovery_gives_the_same_re
     assert results_of(project) == results_of(reference)
 
 
+def test_kill_9_in_the_middle_of_segmented_training_then_the_readme_recovery_gives_the_same_results(tmp_path):
+    """The default `keep_snapshots: final`: each cell trains in segments handing on one state file each. A kill -9
+    of the whole workflow while segments run, then the README's two commands: the same weights, probes and
+    tables as an uninterrupted run, and every freed snapshot gone."""
+    reference = conftest_copy_project(tmp_path / "reference", micro_config())
+    ok(shell(RUN, reference))
+    project = conftest_copy_project(tmp_path / "killed", micro_config())
+    proc = start(RUN, project)
+    runs = project / "results" / "runs"
+    # killed once some cell has handed on a segment state and is training the next segment from it
+    wait_for(lambda: runs.exists() and len(list(runs.glob("*/*/*/seed*/segments/*.json"))) >= 3
+             and not list(runs.glob("*/*/*/seed*/train.json")), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ok(shell(UNLOCK, project))
+    ok(shell(RUN, project))
+    assert results_of(project) == results_of(reference)
+    assert not list(runs.glob("*/*/*/seed*/snapshots/temp/*.pt")) and not list(runs.glob("*/*/*/seed*/resume/*"))
+
+
 def test_ctrl_c_then_the_readme_command_gives_the_same_results(reference, tmp_path):
     project = copy_project(tmp_path / "interrupted")
     proc = start(RUN, project)
