@@ -164,6 +164,28 @@ def test_segments_hand_on_one_state_file_and_a_stop_mid_segment_resumes_bitwise(
         train.train_cell(settings, micro_data, tmp_path / "other", until=1024)
 
 
+def test_verify_names_a_damaged_segment_state_with_its_record(tmp_path, micro_data):
+    from qkrank import snapshots
+    from qkrank import verify as qverify
+
+    settings = _settings(micro_config())
+    out = tmp_path / "results" / "runs" / CELL  # where the workflow puts a cell (check_run reads the path)
+    for tokens in (0, 512):
+        train.train_cell(settings, micro_data, out, until=tokens)
+    assert qverify.check_run(out, hashes=True) == []
+    state, record = snapshots.temp_path(out, 512), snapshots.stamp_path(out, 512)
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: still loads, no longer the recorded file
+    state.write_bytes(bytes(data))
+    assert qverify.check_run(out, hashes=False) == []  # loadability alone cannot see it
+    (problem,) = qverify.check_run(out, hashes=True)
+    assert problem.path == state and f"segment state: sha256 differs from {record}" in problem.reason
+    assert set(problem.remove) == {state, record}  # --fix: the workflow trains this segment again
+    state.write_bytes(bytes(data[: len(data) // 3]))
+    (problem,) = qverify.check_run(out, hashes=False)
+    assert "segment state: unreadable or truncated checkpoint" in problem.reason
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_writes_a_checkpoint_and_exits_75(tmp_path, micro_data):
     """What SLURM does before the time limit (SIGUSR1 takes the same path: see the in-process test above)."""

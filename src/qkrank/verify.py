@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkrank import layout
+from qkrank import snapshots as qsnapshots
 
 SPLITS = ("train", "val")
 DTYPE_BYTES = {"uint16": 2, "uint32": 4, "int32": 4, "int64": 8}
@@ -141,6 +142,17 @@ def check_run(run_dir: Path, hashes: bool = False) -> list[Problem]:
         why = checkpoint_problem(path)
         if why:
             problems.append(Problem(path, f"resume state: {why}", (path,)))
+    temp_dir = run_dir / qsnapshots.TEMP_DIR
+    for path in sorted(temp_dir.glob("*.pt")) if temp_dir.is_dir() else ():
+        # A segment's end state (snapshot + resume state): deleting it with its record makes the workflow
+        # train that segment again (and, where the state it started from was freed, the segments before it).
+        record = qsnapshots.stamp_path(run_dir, int(path.stem)) if path.stem.isdigit() else path
+        stamp = qsnapshots.read_stamp(run_dir, int(path.stem)) if path.stem.isdigit() else None
+        why = checkpoint_problem(path)
+        if why is None and hashes and stamp and not stamp["kept"] and _sha256(path) != stamp["sha256"]:
+            why = f"sha256 differs from {record} (corrupted)"
+        if why:
+            problems.append(Problem(path, f"segment state: {why}", (path, record)))
     if metrics_path.exists():
         why = csv_problem(metrics_path, required=("tokens_seen",))
         if why:
