@@ -150,7 +150,7 @@ def _train(settings: CellSettings, data_dir: Path, run_dir: Path, rt: runtime.Ru
             raise Preempted(f"{run.cell.id}: stop signal received; resume checkpoint written at "
                             f"{run.tokens_seen:,} tokens (step {run.step}) in {run.resume_dir}")
     run.progress.close()
-    if stop_at < run.total_tokens:  # a segment: the next one resumes from the resume state just written
+    if stop_at < run.total_tokens:  # a segment: the next one starts from the state file just written
         runtime.barrier(rt)
         return {}
     return finish(run)
