@@ -243,3 +243,27 @@ def test_prune_keeps_the_newest(tmp_path):
     checkpoint.prune(tmp_path, 2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["512.pt", "1024.pt"]
 
+
+
+def test_a_job_reads_its_settings_json_as_written_and_does_not_validate_it_again(tmp_path):
+    """Validated once (when the workflow wrote settings.json): a job checks its structure, imports no jsonschema."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    from conftest import env_with_src
+
+    from qkrank.cell_args import settings_from_args
+
+    settings = _settings()
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings))
+    code = ("import sys, json, argparse; from qkrank.cell_args import settings_from_args; "
+            "s = settings_from_args(argparse.Namespace(settings=sys.argv[1])); "
+            "print(type(s).__name__, s.plain == json.load(open(sys.argv[1])), 'jsonschema' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env_with_src(), capture_output=True, text=True)
+    assert out.stdout.split() == ["CellSettings", "True", "False"], out.stderr
+    path.write_text(json.dumps({**settings, "train": {**settings["train"], "lr": 0.1}}))
+    with pytest.raises(qconfig.ConfigError, match=r"settings\.json: settings field 'settings\.train\.lr': unknown key"):
+        settings_from_args(argparse.Namespace(settings=str(path)))

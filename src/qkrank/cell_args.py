@@ -6,19 +6,21 @@ import argparse
 
 from qkrank import config as qconfig
 from qkrank import identity
+from qkrank.settings import CellSettings, SettingsError
 
 
-def settings_from_args(args) -> dict:
+def settings_from_args(args) -> CellSettings:
+    """The cell's typed settings. ``--settings``: the settings.json (with runtime.json) that the workflow wrote
+    from the config it validated, read as they are (their structure checked; validated once, not again in
+    every job). ``--config`` and ``--cell``: that config validated and resolved here."""
     if args.settings:
-        raw = identity.load_cell_settings(args.settings)  # settings.json + runtime.json
-        cell = qconfig.Cell.parse(raw["cell"]["id"])
-        config = {"grid": {"scales": [cell.scale], "modes": [cell.mode], "optimizers": [cell.optimizer],
-                           "seeds": [cell.seed]},
-                  "data": raw["data"], "scales": {cell.scale: {k: raw[k] for k in
-                                                               ("model", "train", "optim", "probe", "resources")}}}
-        return qconfig.cell_settings(qconfig.load(config), cell)
+        try:
+            return CellSettings.from_dict(identity.load_cell_settings(args.settings))  # settings.json + runtime.json
+        except SettingsError as e:
+            raise qconfig.ConfigError(f"{args.settings}: {e}; the workflow writes this file from the config "
+                                      f"(rule cell_settings): run snakemake again to rewrite it") from None
     config = qconfig.load(args.config)
-    return qconfig.cell_settings(config, qconfig.Cell.parse(args.cell))
+    return CellSettings.from_dict(qconfig.cell_settings(config, qconfig.Cell.parse(args.cell)))
 
 
 def add_settings_args(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from qkrank import schedule
@@ -67,20 +66,28 @@ def _extend_with_default(validator_class):
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
+    import jsonschema
+
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-_DefaultingValidator = _extend_with_default(jsonschema.Draft202012Validator)
+@functools.cache
+def _defaulting_validator():
+    # jsonschema is imported here, not with the module: a job that reads a settings.json the workflow already
+    # validated never pays for it (≈ 0.1 s of each job's start-up).
+    import jsonschema
+
+    return _extend_with_default(jsonschema.Draft202012Validator)
 
 
-def _field_path(error: jsonschema.ValidationError) -> str:
+def _field_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<config>"
 
 
 def _validated(instance: dict, schema: dict, prefix: str = "") -> dict:
     """A deep copy of ``instance`` with defaults filled in; raises ConfigError naming the field."""
     out = copy.deepcopy(instance)
-    validator = _DefaultingValidator(schema)
+    validator = _defaulting_validator()(schema)
     # Two passes: the first fills defaults of objects that themselves were defaulted.
     for _ in range(2):
         errors = sorted(validator.iter_errors(out), key=lambda e: list(e.absolute_path))
