@@ -163,12 +163,17 @@ def test_pr_recomputed_from_act_with_numpy_svd_equals_stored_pr(study):
                             assert recomputed == pytest.approx(stored[head], rel=1e-4)
 
 
+def _captured_sites(model, windows: np.ndarray) -> dict:
+    """The model's vectors at every site for a batch of token windows (model.capture)."""
+    with torch.no_grad(), model.capture() as captured:
+        model(torch.from_numpy(windows))
+    return captured
+
+
 def test_per_sequence_pr_is_the_mean_of_each_sequences_numpy_pr(study, micro_data):
     settings, run = study["learned"]
     model = _model(run, 2048)
-    windows = cell_probe_batch(micro_data, settings)
-    with torch.no_grad(), model.capture() as captured:
-        model(torch.from_numpy(windows))
+    captured = _captured_sites(model, cell_probe_batch(micro_data, settings))
     with h5py.File(run / "probe" / "2048.h5") as f:
         for layer in range(model.cfg.n_layers):
             for tensor in TENSORS:
@@ -207,9 +212,7 @@ def test_weight_spectra_are_numpy_svds_of_each_heads_projection_block(study):
 def test_act_holds_the_vectors_the_model_computes_in_token_order(study, micro_data):
     settings, run = study["learned"]
     model = _model(run, 2048)
-    windows = cell_probe_batch(micro_data, settings)
-    with torch.no_grad(), model.capture() as captured:
-        model(torch.from_numpy(windows))
+    captured = _captured_sites(model, cell_probe_batch(micro_data, settings))
     with h5py.File(run / "probe" / "2048.h5") as f:
         for name, tensor_site in (("layer.1/k/roped", "1/k/roped"), ("layer.0/q/normed", "0/q/normed")):
             value = captured[name]  # (B, heads, T, d) → (heads, B·T, d), sequence-major

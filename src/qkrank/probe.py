@@ -10,6 +10,7 @@ root attributes identify the cell, checkpoint and probe batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import sys
 import warnings
@@ -265,15 +266,22 @@ def main(argv=None) -> None:
     if not args.settings and not args.cell:
         parser.error("give --cell (with --config) or --settings")
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _print_warning
+        with warnings_as_lines("qkrank.probe"):
             probe_snapshot(settings_from_args(args), args.data, args.run_dir, args.tokens, args.out)
     except (qconfig.ConfigError, checkpoint.CheckpointError, ProbeError, DataError) as e:
         sys.exit(f"qkrank.probe: error: {e}")
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"qkrank.probe: warning: {message}", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def warnings_as_lines(prog: str):
+    """Within: each warning is one ``<prog>: warning: <message>`` line on stderr (a job log reads cleanly)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

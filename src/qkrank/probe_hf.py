@@ -34,6 +34,7 @@ from qkrank.probe import (
     measure,
     saves_activations,
     small_batch_message,
+    warnings_as_lines,
     write_spectra,
 )
 
@@ -274,15 +275,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _print_warning
+        with warnings_as_lines("qkrank.probe_hf"):
             probe_revision(identity.load_cell_settings(args.settings), args.data, args.tokens, args.out)
     except (qconfig.ConfigError, suites.SuiteError, ProbeError, DataError) as e:
         sys.exit(f"qkrank.probe_hf: error: {e}")
-
-
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"qkrank.probe_hf: warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
