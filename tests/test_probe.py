@@ -424,12 +424,12 @@ def test_a_segment_resumed_at_its_own_end_writes_its_snapshot_again(micro_data, 
     run = tmp_path / "run"
     for tokens in (0, 512):
         train_cell(settings, micro_data, run, until=tokens)
-    first = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    first = checkpoint.read_state(snapshots.temp_path(run, 512))
     record = json.loads(snapshots.stamp_path(run, 512).read_text())
     snapshots.temp_path(run, 512).unlink()
     snapshots.stamp_path(run, 512).unlink()
     train_cell(settings, micro_data, run, until=512)
-    again = checkpoint.safe_load(snapshots.temp_path(run, 512))
+    again = checkpoint.read_state(snapshots.temp_path(run, 512))
     assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
     assert again["val_loss"] == first["val_loss"] and again["step"] == first["step"] == 2
     rewritten = json.loads(snapshots.stamp_path(run, 512).read_text())

@@ -134,7 +134,7 @@ def test_segments_hand_on_one_state_file_and_a_stop_mid_segment_resumes_bitwise(
     out = tmp_path / "run"
     train.train_cell(settings, micro_data, out, until=0)
     train.train_cell(settings, micro_data, out, until=512)
-    state = checkpoint.safe_load(snapshots.temp_path(out, 512))
+    state = checkpoint.read_state(snapshots.temp_path(out, 512))
     assert {"model", "optimizers", "rng", "metrics", "val_loss"} <= set(state) and state["tokens_seen"] == 512
     assert checkpoint.list_checkpoints(out / "resume") == []  # no second copy of the weights
     real_batch_starts = train.batch_starts
@@ -162,6 +162,39 @@ def test_segments_hand_on_one_state_file_and_a_stop_mid_segment_resumes_bitwise(
     assert deterministic_log(out) == deterministic_log(clean_run)
     with pytest.raises(checkpoint.CheckpointError, match=r"512\.pt: the state this segment starts from is missing"):
         train.train_cell(settings, micro_data, tmp_path / "other", until=1024)
+
+
+def test_at_most_two_packed_states_are_ever_on_disk_and_the_cells_end_writes_none(tmp_path, micro_data,
+                                                                                  monkeypatch):
+    """The disk peak the planner states (qkrank.gpu_hours): while a segment writes its state, the one it started
+    from is the only other; the cell's last segment writes its weights, and no state, next to it."""
+    from qkrank import snapshots, state_packing
+
+    settings = _settings(micro_config())
+    out = tmp_path / "run"
+    real_save = checkpoint.atomic_save
+    writes = []
+
+    def spy(obj, path):
+        on_disk = [p for p in (*out.glob("snapshots/temp/*.pt"), *out.glob("resume/*.pt")) if p != Path(path)]
+        packed = any(isinstance(v, dict) and state_packing.MARKER in v for v in obj["model"].values())
+        writes.append((Path(path), "optimizers" in obj, packed, len(on_disk)))
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", spy)
+    marks = qconfig.checkpoint_tokens(settings)
+    for previous, tokens in zip([None, *marks[:-1]], marks, strict=True):
+        train.train_cell(settings, micro_data, out, until=tokens)
+        if previous is not None:
+            snapshots.temp_path(out, previous).unlink()  # Snakemake, once its probe and this segment are done
+    states = [w for w in writes if w[1]]
+    assert states and all(packed for _, _, packed, _ in states)  # every state file is packed
+    assert max(others for *_, others in states) == 1  # one other state on disk while a state is written
+    assert max(others for *_, others in writes) <= 2  # a kept weights-only copy: after its state, before the old goes
+    last = [w for w in writes if w[0].parent == out / "snapshots"]
+    assert [(w[0].name, w[1]) for w in last] == [(f"{marks[-1]}.pt", False)]  # the end: weights only
+    assert writes[-1][0] == out / "snapshots" / f"{marks[-1]}.pt"  # and nothing after it
+    assert checkpoint.list_checkpoints(out / "resume") == []
 
 
 def test_verify_names_a_damaged_segment_state_with_its_record(tmp_path, micro_data):
@@ -220,7 +253,7 @@ def test_nan_guard_names_step_and_tokens_and_keeps_the_last_good_checkpoint(tmp_
     kept = checkpoint.list_checkpoints(out / "resume")
     assert [checkpoint.tokens_of(p) for p in kept] == [512, 1024]  # keep_resume_checkpoints = 2
     assert not (out / "snapshots" / "1536.pt").exists() and not (out / "train.json").exists()
-    state = checkpoint.safe_load(kept[-1])
+    state = checkpoint.read_state(kept[-1])
     for key, value in state["model"].items():
         assert torch.isfinite(value).all(), key
     # Everything a resume needs, loaded with weights_only=True.

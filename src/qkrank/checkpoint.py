@@ -1,9 +1,10 @@
 """Atomic checkpoint files, safe loading (``weights_only=True``) and resume-point discovery.
 
 Two kinds live in a cell's run directory: ``snapshots/{tokens}.pt`` (model weights and metadata: what
-probes read) and ``resume/{tokens}.pt`` (model, optimizers, schedule, RNG states, data position, tokens
-seen, config hash, metrics so far: what a killed job restarts from). Both are written to a temporary
-name, fsynced and renamed into place, so a file under its real name is always complete.
+probes read) and resume states (model, optimizers, schedule, RNG states, data position, tokens seen, config
+hash, metrics so far: what a killed job or the next segment restarts from), whose float32 tensors are packed
+losslessly (qkrank.state_packing). Both are written to a temporary name, fsynced and renamed into place, so a
+file under its real name is always complete.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qkrank import state_packing
 from qkrank.atomic import atomic_path
 
 
@@ -48,6 +50,11 @@ def atomic_save(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
+def save_state(state: dict, path: Path) -> None:
+    """A resume state, its float32 tensors packed (a sixth smaller, the same bits), saved atomically."""
+    atomic_save(state_packing.pack(state), path)
+
+
 def safe_load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     """Load with ``weights_only=True``: tensors and plain containers only, never arbitrary pickle code.
 
@@ -65,6 +72,14 @@ def safe_load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
             f"writes such files, so delete it or find out who did") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+
+
+def read_state(path: Path, mmap: bool = False):
+    """A checkpoint with its packed tensors unpacked (qkrank.state_packing); a plain one as it is."""
+    try:
+        return state_packing.unpack(safe_load(path, mmap=mmap))
+    except state_packing.PackingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def tokens_of(path: Path) -> int:
@@ -85,7 +100,7 @@ def load_state(path: Path, config_hash: str) -> dict:
 
     A readable checkpoint written under a different config is an error: resuming it would mix two cells.
     """
-    state = safe_load(path)
+    state = read_state(path)
     found = state.get("config_hash") if isinstance(state, dict) else None
     if found != config_hash:
         raise ForeignCheckpointError(

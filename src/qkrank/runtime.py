@@ -6,8 +6,10 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -177,3 +179,13 @@ def barrier(runtime: Runtime) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_finished_job() -> NoReturn:
+    """End a job whose outputs are all in place (written, fsynced, renamed) without the interpreter's teardown.
+
+    Finalising the modules and objects of a process that imported torch takes about 0.3 s, a fifth of a probe
+    job on two cores, and there is nothing left for it to do: streams are flushed here, files are closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -129,7 +129,7 @@ def _train(settings: CellSettings, data_dir: Path, run_dir: Path, rt: runtime.Ru
                                          f"the cell")
     run.until = until
     faults = Faults.from_env()
-    if run.tokens_seen == 0:
+    if run.resumed_from is None:  # a fresh start (the second segment resumes at 0 tokens from the first's state)
         val0 = validation_loss(run.model, run.val_windows, run.micro, rt)
         run.rows = [{"tokens_seen": 0, "step": 0, "val_loss": val0, "wall_s": 0.0}]
         save(run, val0)
@@ -268,7 +268,10 @@ def save(run: CellRun, val_loss: float | None) -> None:
             checkpoint.atomic_save(snapshot_state(run, val_loss), path)
             if run.until is not None:
                 snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings.plain)
-        save_resume(run)
+        # At the cell's end finish() follows at once; a kill before it retrains from the previous state, and
+        # no third state is ever on disk (docs/cluster.md, Disk).
+        if run.tokens_seen < run.total_tokens:
+            save_resume(run)
     write_csv(run.rows, run.run_dir / "metrics.csv")  # readable while the cell runs
 
 
@@ -282,7 +285,7 @@ def save_segment_end(run: CellRun, val_loss: float | None) -> None:
     segment read), a weights-only copy if the snapshot is kept, then the segment record; this segment's
     mid-segment resume checkpoints are then obsolete."""
     path = snapshots.temp_path(run.run_dir, run.tokens_seen)
-    checkpoint.atomic_save({**resume_state(run), "val_loss": val_loss}, path)
+    checkpoint.save_state({**resume_state(run), "val_loss": val_loss}, path)
     if run.tokens_seen in qconfig.kept_snapshot_tokens(run.settings.plain):
         checkpoint.atomic_save(snapshot_state(run, val_loss), snapshots.kept_path(run.run_dir, run.tokens_seen))
     snapshots.finish_segment(run.run_dir, run.tokens_seen, run.step, path, run.settings.plain)
@@ -291,7 +294,7 @@ def save_segment_end(run: CellRun, val_loss: float | None) -> None:
 
 def save_resume(run: CellRun) -> None:
     """``resume/{tokens}.pt``: everything a killed job restarts from; older ones beyond the configured count go."""
-    checkpoint.atomic_save(resume_state(run), run.resume_dir / f"{run.tokens_seen}.pt")
+    checkpoint.save_state(resume_state(run), run.resume_dir / f"{run.tokens_seen}.pt")
     checkpoint.prune(run.resume_dir, run.train.keep_resume_checkpoints)
 
 
@@ -350,3 +353,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    runtime.exit_finished_job()
