@@ -151,16 +151,20 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, vocab); with targets, also the mean cross-entropy."""
+        logits = self.lm_head(self.final_norm(self.residual_stream(idx)))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def residual_stream(self, idx: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block (B, T, d_model): all a probe's capture needs, no logits."""
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
-        logits = self.lm_head(self.final_norm(x))
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        return x
 
     @contextmanager
     def capture(self):

@@ -116,7 +116,7 @@ def measure(model: GPT, windows: np.ndarray, chunk_sequences: int, device: torch
     for first_row in range(0, len(windows), chunk_sequences):
         x = torch.from_numpy(np.ascontiguousarray(windows[first_row : first_row + chunk_sequences])).to(device)
         with model.capture() as captured:
-            model(x)
+            model.residual_stream(x)
         for name, value in captured.items():
             # (B, heads, T, d) → (heads, B·T, d): every token of the chunk is one vector per head.
             per_head = value.transpose(0, 1).reshape(value.shape[1], -1, value.shape[-1])
