@@ -119,7 +119,7 @@ def test_unsupported_architecture_fails_before_any_weights_are_read(tmp_path):
 
 def captured(model: probe_hf.SuiteModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad(), model.capture() as sites:
-        model(ids)
+        model.residual_stream(ids)
     return sites
 
 

@@ -95,7 +95,8 @@ class SuiteModel:
         self.model.eval()
         return self
 
-    def __call__(self, input_ids: torch.Tensor):
+    def residual_stream(self, input_ids: torch.Tensor):
+        """The base model's forward (AutoModel: no LM head); its hooks fill ``capture``'s dict."""
         return self.model(input_ids=input_ids, use_cache=False)
 
     def _hooks(self, captured: dict) -> list:
@@ -283,3 +284,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    runtime.exit_finished_job()
