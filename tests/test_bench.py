@@ -206,3 +206,28 @@ def test_study_time_sums_job_seconds_per_kind_and_the_probe_share(tmp_path):
     assert "| 2 | train | 180.0 | 160.0 | 95.2% |" in proc.stdout
     assert "| 2 | probe | 5.0 | 4.0 | 2.6% |" in proc.stdout and "| 1 | data | 4.0 | 1.0 |" in proc.stdout
     assert "probe jobs ÷ (2 cores × 50 s wall) = 5.0%" in proc.stdout  # 5 s of probes in 100 core-seconds
+
+
+def test_state_packing_bench_measures_a_trained_state_and_a_state_file(tmp_path):
+    import re
+
+    from conftest import micro_config, write_config
+
+    from qkrank import checkpoint, state_packing
+
+    config = write_config(tmp_path / "micro.yaml", micro_config())
+    script = [sys.executable, str(REPO / "bench" / "state_packing.py")]
+    proc = subprocess.run([*script, "--config", str(config), "--steps", "2", "--seq-len", "16", "--batch", "2"],
+                          capture_output=True, text=True, timeout=300, env=env_with_src(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ratios = {m[1]: float(m[2]) for m in re.finditer(r"^\| ([a-z ]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
+                                                      proc.stdout, re.M)}
+    assert set(ratios) == {"weights", "muon state", "adamw state", "whole state"}
+    assert all(0.5 < r < 0.9 for r in ratios.values()), ratios  # the high byte of every float32 shrinks
+    state = {"model": {"w": torch.randn(256, 256) * 0.02}, "optimizers": {"muon": {"m": torch.randn(256, 256)}}}
+    checkpoint.save_state(state, tmp_path / "1.pt")
+    assert state_packing.MARKER in torch.load(tmp_path / "1.pt", weights_only=True)["model"]["w"]
+    proc = subprocess.run([*script, "--state", str(tmp_path / "1.pt")], capture_output=True, text=True,
+                          timeout=300, env=env_with_src(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| weights | 0.3 |" in proc.stdout  # measured on the unpacked tensors: 262 kB plain
