@@ -245,6 +245,11 @@ def test_planner_counts_kept_snapshots():
     assert plans["[512]"]["peak_bytes"] - plans["final"]["peak_bytes"] == snap
     assert plans["all"]["final_bytes"] - plans["final"]["final_bytes"] == 4 * snap
     assert plans["all"]["peak_snapshot_bytes"] == 5 * snap  # never more than the schedule's points
+    # only 0 and the end: the first segment's state is the only state, and the last segment writes none
+    cfg["scales"]["tiny"]["train"].update(keep_snapshots="final", checkpoint_every_tokens=2048)
+    two = gpu_hours.cell_plan(qconfig.cell_settings(qconfig.load(cfg), cell))
+    probes = two["final_bytes"] - snap
+    assert two["snapshots"] == 2 and two["peak_bytes"] == two["resume_bytes"] + snap + probes
 
 
 def test_each_mark_comes_from_its_run():

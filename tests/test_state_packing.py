@@ -71,9 +71,48 @@ def test_corrupt_or_short_high_bytes_are_named(tmp_path):
         checkpoint.load_state(tmp_path / "1.pt", "abc")
     packed = state_packing.pack(state)
     packed["model"]["w"]["low"] = packed["model"]["w"]["low"][:-7].clone()
-    with pytest.raises(state_packing.PackingError, match="high bytes for"):
+    with pytest.raises(state_packing.PackingError, match="do not fit shape"):
         state_packing.unpack(packed)
     packed = state_packing.pack(state)
     packed["model"]["w"][state_packing.MARKER] = 99
     with pytest.raises(state_packing.PackingError, match="format 99"):
         state_packing.unpack(packed)
+    packed = state_packing.pack(state)
+    packed["model"]["w"]["high"] = packed["model"]["w"]["high"] * 2
+    with pytest.raises(state_packing.PackingError, match="180000 high bytes for 90000 values"):
+        state_packing.unpack(packed)
+    for key, value, message in (("shape", [299, 300], "do not fit shape"), ("shape", "x", "malformed"),
+                                ("low", None, "do not fit shape")):
+        packed = state_packing.pack(state)
+        packed["model"]["w"][key] = value
+        with pytest.raises(state_packing.PackingError, match=message):
+            state_packing.unpack(packed)
+    packed = state_packing.pack(state)
+    del packed["model"]["w"]["high"]
+    torch.save(packed, tmp_path / "2.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"2\.pt: packed tensor: malformed \(KeyError"):
+        checkpoint.load_state(tmp_path / "2.pt", "abc")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_flipped_byte_in_the_pickle_is_a_checkpoint_error_naming_the_file(tmp_path):
+    import zipfile
+
+    path = tmp_path / "3.pt"
+    checkpoint.save_state({"config_hash": "abc", "model": {"w": torch.randn(100, 100)}}, path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        (info,) = [i for i in z.infolist() if i.filename.endswith("data.pkl")]
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    failures = set()
+    for offset in range(info.compress_size):  # every byte of the pickle, one at a time
+        flipped = bytearray(raw)
+        flipped[start + offset] ^= 0x01
+        path.write_bytes(flipped)
+        try:
+            checkpoint.load_state(path, "abc")
+        except checkpoint.CheckpointError as e:
+            assert str(path) in str(e)
+            failures.add(type(e).__name__)
+    assert failures  # some flips are caught; none escapes as another exception type

@@ -63,6 +63,8 @@ def safe_load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
+    # A bare pickle (not torch's zip format) cannot be mapped: load it so weights_only judges its contents.
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -70,8 +72,8 @@ def safe_load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it is not a plain-tensor checkpoint ({first_line}); qkrank never "
             f"writes such files, so delete it or find out who did") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+    except Exception as e:  # a flipped byte in data.pkl surfaces as almost any exception type
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {e})") from None
 
 
 def read_state(path: Path, mmap: bool = False):
@@ -100,7 +102,8 @@ def load_state(path: Path, config_hash: str) -> dict:
 
     A readable checkpoint written under a different config is an error: resuming it would mix two cells.
     """
-    state = read_state(path)
+    # mmap: the packed file stays in the page cache, shared by DDP ranks, while each unpacks its own copy
+    state = read_state(path, mmap=True)
     found = state.get("config_hash") if isinstance(state, dict) else None
     if found != config_hash:
         raise ForeignCheckpointError(

@@ -83,8 +83,10 @@ def cell_plan(settings: dict, mfu: float = DEFAULT_MFU, packed_ratio: float = PA
         peak_snapshots = len(marks)
     elif len(marks) > 1:
         # a segment's end: two state files (each its snapshot with the resume state) and the kept weights so
-        # far; the cell's end: the state it started from and every kept snapshot
-        peak = max(2 * resume + (len(kept) - 1) * snapshot, resume + len(kept) * snapshot)
+        # far, unless the first segment's state is the only one before the end; the cell's end: the state it
+        # started from and every kept snapshot
+        middle = 2 * resume + (len(kept) - 1) * snapshot if len(marks) > 2 else 0
+        peak = max(middle, resume + len(kept) * snapshot)
         peak_snapshots = min(len(marks), len(kept) - 1 + 2)
     else:
         peak, peak_snapshots = len(kept) * snapshot, len(kept)

@@ -13,6 +13,7 @@ Segment state files and resume states are packed (qkrank.train); snapshots kept 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import zlib
@@ -36,7 +37,7 @@ def _check_byteorder() -> None:
 
 
 def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _compress(chunk: bytes) -> bytes:
@@ -58,17 +59,22 @@ def unpack_tensor(packed: dict, pool: ThreadPoolExecutor) -> torch.Tensor:
     """The float32 CPU tensor ``pack_tensor`` was given, bit for bit."""
     if packed.get(MARKER) != FORMAT:
         raise PackingError(f"packed tensor of format {packed.get(MARKER)!r}; this qkrank reads format {FORMAT}")
-    low = packed["low"]
     try:
-        high = b"".join(pool.map(zlib.decompress, (c.numpy().tobytes() for c in packed["high"])))
+        low, shape, chunks = packed["low"], [int(n) for n in packed["shape"]], packed["high"]
+        high = b"".join(pool.map(zlib.decompress, (c.numpy().tobytes() for c in chunks)))
     except zlib.error as e:
         raise PackingError(f"packed tensor: corrupt high bytes ({e})") from None
-    if len(high) != low.shape[0]:
-        raise PackingError(f"packed tensor: {len(high)} high bytes for {low.shape[0]} values")
-    joined = torch.empty((low.shape[0], 4), dtype=torch.uint8)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PackingError(f"packed tensor: malformed ({type(e).__name__}: {e})") from None
+    n = math.prod(shape)
+    if not (isinstance(low, torch.Tensor) and low.dtype == torch.uint8 and tuple(low.shape) == (n, 3)):
+        raise PackingError(f"packed tensor: low bytes {getattr(low, 'shape', None)} do not fit shape {shape}")
+    if len(high) != n:
+        raise PackingError(f"packed tensor: {len(high)} high bytes for {n} values")
+    joined = torch.empty((n, 4), dtype=torch.uint8)
     joined[:, :3] = low
     joined[:, 3] = torch.frombuffer(bytearray(high), dtype=torch.uint8)
-    return joined.view(torch.float32).view(packed["shape"])
+    return joined.view(torch.float32).view(shape)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
