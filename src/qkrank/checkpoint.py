@@ -84,6 +84,16 @@ def read_state(path: Path, mmap: bool = False):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def read_snapshot(path: Path) -> dict:
+    """A snapshot's weights (unpacked) and metadata, from a kept snapshot or a segment state file; memory-mapped,
+    so a segment state's optimizer part is never read."""
+    snap = safe_load(path, mmap=True)
+    try:
+        return {**snap, "model": state_packing.unpack(snap["model"])}
+    except state_packing.PackingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def tokens_of(path: Path) -> int:
     return int(Path(path).stem)
 

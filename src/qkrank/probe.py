@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from qkrank import __version__, checkpoint, layout, runtime, snapshots, state_packing
+from qkrank import __version__, checkpoint, layout, runtime, snapshots
 from qkrank import config as qconfig
 from qkrank.atomic import atomic_path
 from qkrank.data import DataError, TokenShards, sha256_file
@@ -93,11 +93,7 @@ def load_snapshot(run_dir: Path, tokens: int) -> dict:
             f"{snapshots.stamp_path(run_dir, tokens)}); the snapshot is corrupt — delete {run_dir} and rerun "
             f"the workflow to retrain this cell"
         )
-    snap = checkpoint.safe_load(path, mmap=True)  # mmap: a segment state's optimizer part is never read
-    try:
-        return {**snap, "model": state_packing.unpack(snap["model"])}
-    except state_packing.PackingError as e:
-        raise ProbeError(f"{path}: {e}; delete {run_dir} and rerun the workflow to retrain this cell") from None
+    return checkpoint.read_snapshot(path)
 
 
 ChunkSink = Callable[[str, int, torch.Tensor], None]
