@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu {args.mfu}: give a fraction in (0, 1]")
-    if not 0 < args.packed_ratio <= 1.01:
+    if not 0 < args.packed_ratio <= 1:
         parser.error(f"--packed-ratio {args.packed_ratio}: give a fraction in (0, 1]")
     for path in args.configs:
         rows = study_rows(qconfig.load(path), args.mfu, args.packed_ratio)
