@@ -6,6 +6,8 @@ import dataclasses
 import io
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -166,6 +168,33 @@ def test_runtime_on_cpu_selects_the_cpu_path():
         torch.set_num_threads(threads)
     assert runtime.Runtime(torch.device("cpu"), False, False, False, rank=1, world_size=2).backend == "gloo"
     assert runtime.Runtime(torch.device("cuda", 0), True, True, True, world_size=2).backend == "nccl"
+
+
+# What each job module runs first and last as __main__: collections off, its imports, imports_done, main().
+JOB_START = """
+import gc, runpy, sys
+collections = []
+# A collection while torch is being imported, before anything is frozen, is one the job should have skipped.
+gc.callbacks.append(lambda phase, info: phase == "start" and gc.get_freeze_count() == 0
+                    and "torch" in sys.modules and collections.append(phase))
+sys.argv = [{module!r}, "--help"]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print(gc.isenabled(), gc.get_freeze_count(), len(collections), "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("module", ["qkrank.train", "qkrank.probe", "qkrank.probe_hf"])
+def test_a_job_imports_with_collections_off_then_collects_with_its_imports_frozen(module):
+    out = subprocess.run([sys.executable, "-c", JOB_START.format(module=module)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    enabled, frozen, collections_while_importing_torch, dynamo = out[-4:]
+    assert enabled == "True"
+    assert int(frozen) > 50_000  # torch's import alone leaves ~10⁵ tracked objects
+    assert collections_while_importing_torch == "0"
+    assert (dynamo == "True") is (module == "qkrank.train")  # preloaded for torch.optim, frozen with the rest
 
 
 def test_bf16_switch_autocasts_the_forward_pass(micro_data):

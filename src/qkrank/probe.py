@@ -9,6 +9,13 @@ root attributes identify the cell, checkpoint and probe batch.
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    # A job process: cyclic collections while torch imports scan its ~10⁵ new objects again and again, a
+    # fifth of a probe job's wall time; runtime.imports_done() turns them back on.
+    gc.disable()
+
 import argparse
 import contextlib
 import hashlib
@@ -285,5 +292,6 @@ def warnings_as_lines(prog: str):
 
 
 if __name__ == "__main__":
+    runtime.imports_done()
     main()
     runtime.exit_finished_job()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import importlib
 import os
 import signal
 import sys
@@ -179,6 +181,15 @@ def barrier(runtime: Runtime) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def imports_done(*modules: str) -> None:
+    """In a job that started with the garbage collector off (``gc.disable()`` before its imports): import
+    ``modules`` too, freeze what the imports made, so collections never scan it, and collect from here on."""
+    for name in modules:
+        importlib.import_module(name)
+    gc.freeze()
+    gc.enable()
 
 
 def exit_finished_job() -> NoReturn:
