@@ -116,16 +116,17 @@ def test_validation_loss_is_the_mean_over_fixed_held_out_windows(micro_data):
 # ---------------------------------------------------------------- GPU switches and runtime
 
 @pytest.mark.parametrize("cuda,bf16_native,config,expected", [
-    (False, False, "auto", {"bf16": False, "compile": False, "tf32": False}),
-    (False, True, "auto", {"bf16": True, "compile": False, "tf32": False}),  # a CPU with AVX512-BF16 or AMX
-    (True, True, "auto", {"bf16": True, "compile": True, "tf32": True}),
-    (True, False, "auto", {"bf16": False, "compile": True, "tf32": True}),  # e.g. a V100: no native bf16
-    (True, True, False, {"bf16": False, "compile": False, "tf32": False}),
-    (False, True, False, {"bf16": False, "compile": False, "tf32": False}),
-    (False, False, True, {"bf16": True, "compile": True, "tf32": False}),  # TF32 does not exist on CPU
+    (False, False, "auto", {"bf16": False, "compile": False, "tf32": False, "fused": False}),
+    (False, True, "auto", {"bf16": True, "compile": False, "tf32": False, "fused": False}),  # AVX512-BF16 or AMX
+    (True, True, "auto", {"bf16": True, "compile": True, "tf32": True, "fused": True}),
+    (True, False, "auto", {"bf16": False, "compile": True, "tf32": True, "fused": True}),  # e.g. a V100
+    (True, True, False, {"bf16": False, "compile": False, "tf32": False, "fused": False}),
+    (False, True, False, {"bf16": False, "compile": False, "tf32": False, "fused": False}),
+    (False, False, True, {"bf16": True, "compile": True, "tf32": False, "fused": True}),  # no TF32 on CPU
 ])
 def test_switches_resolve_from_config_and_hardware(cuda, bf16_native, config, expected):
-    train = dataclasses.replace(CellSettings.from_dict(_settings()).train, bf16=config, compile=config, tf32=config)
+    train = dataclasses.replace(CellSettings.from_dict(_settings()).train, bf16=config, compile=config, tf32=config,
+                                fused=config)
     assert runtime.resolve_switches(train, cuda=cuda, bf16_native=bf16_native) == expected
 
 
@@ -160,8 +161,8 @@ def test_runtime_on_cpu_selects_the_cpu_path():
     try:
         rt = runtime.init(CellSettings.from_dict(_settings()).train, job_cpus=2)
         native = runtime.cpu_has_native_bf16()  # `auto`: bf16 exactly where the CPU has it natively
-        assert (rt.device, rt.bf16, rt.compile, rt.tf32, rt.world_size, rt.backend) == \
-            (torch.device("cpu"), native, False, False, 1, None)
+        assert (rt.device, rt.bf16, rt.compile, rt.tf32, rt.fused, rt.world_size, rt.backend) == \
+            (torch.device("cpu"), native, False, False, False, 1, None)
         assert torch.get_num_threads() == 2
         assert isinstance(rt.autocast(), torch.autocast if native else type(CPU.autocast()))
     finally:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qkrank.losses import linear_cross_entropy
 from qkrank.presets import (  # noqa: F401  (re-exported: the model's public names)
     NORM_MODES,
     PRESET_SOURCES,
@@ -149,9 +150,13 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab); with targets, also the mean cross-entropy."""
-        logits = self.lm_head(self.final_norm(self.residual_stream(idx)))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, fused_loss: bool = False):
+        """Logits (B, T, vocab); with targets, also the mean cross-entropy. ``fused_loss`` (with targets): the
+        loss without logits, a chunk of tokens at a time (qkrank.losses); the logits returned are None."""
+        hidden = self.final_norm(self.residual_stream(idx))
+        if targets is not None and fused_loss:
+            return None, linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -56,8 +56,9 @@ def hidden_adamw(optim: OptimSettings) -> AdamWSettings:
     return dataclasses.replace(optim.adamw, **{k: v for k, v in given.items() if v is not None})
 
 
-def build_optimizers(model: nn.Module, optimizer: str, optim: OptimSettings) -> dict[str, torch.optim.Optimizer]:
-    """One torch optimizer per non-empty group, keyed "muon"/"adamw".
+def build_optimizers(model: nn.Module, optimizer: str, optim: OptimSettings,
+                     fused: bool = False) -> dict[str, torch.optim.Optimizer]:
+    """One torch optimizer per non-empty group, keyed "muon"/"adamw"; ``fused``: AdamW's fused kernel.
 
     Both kinds of cell give the parameters outside the hidden matrices (embeddings, head, γ, 1-D) the same
     AdamW groups, from ``optim.adamw``; only the hidden 2-D matrices differ: Muon (``optim.muon``) in muon
@@ -79,7 +80,8 @@ def build_optimizers(model: nn.Module, optimizer: str, optim: OptimSettings) -> 
     for group in _adamw_groups(hidden, hidden_adamw(optim)):
         param_groups.append({**group, "hidden": True})
     if param_groups:
-        out["adamw"] = torch.optim.AdamW(param_groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps)
+        out["adamw"] = torch.optim.AdamW(param_groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps,
+                                         fused=True if fused else None)
     for opt in out.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -154,6 +154,7 @@ class TrainSettings(_Section):
     bf16: str | bool
     compile: str | bool
     tf32: str | bool
+    fused: str | bool
     nproc: int
     threads: int | None
     keep_resume_checkpoints: int

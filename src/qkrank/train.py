@@ -77,7 +77,7 @@ def validation_loss(model, windows: np.ndarray, micro_batch: int, rt: runtime.Ru
         for i in range(rt.rank * micro_batch, len(windows), micro_batch * rt.world_size):
             chunk = torch.from_numpy(windows[i:i + micro_batch]).to(rt.device)
             with rt.autocast():
-                _, loss = model(chunk[:, :-1], chunk[:, 1:])
+                _, loss = model(chunk[:, :-1], chunk[:, 1:], fused_loss=rt.fused)
             total[0] += loss.double() * len(chunk)
             total[1] += len(chunk)
     total = runtime.all_reduce_sum(total, rt)
@@ -101,7 +101,7 @@ def _forward_backward(forward, train_model, shards: TokenShards, starts: np.ndar
         # DDP all-reduces gradients once per optimizer step: on its last micro-batch.
         skip_sync = rt.world_size > 1 and m < accum - 1
         with train_model.no_sync() if skip_sync else contextlib.nullcontext(), rt.autocast():
-            _, loss = forward(batch[:, :-1], batch[:, 1:])
+            _, loss = forward(batch[:, :-1], batch[:, 1:], fused_loss=rt.fused)
         (loss / accum).backward()
         loss_sum += loss.detach()
     return loss_sum / accum
@@ -177,7 +177,7 @@ def start_or_resume(settings: CellSettings, data_dir: Path, run_dir: Path, rt: r
                                   f"divisible by the {rt.world_size} processes this job was launched with")
     shards = TokenShards(data_dir)
     model = build_model(settings, shards.vocab_size).to(rt.device)
-    optimizers = build_optimizers(model, cell.optimizer, settings.optim)
+    optimizers = build_optimizers(model, cell.optimizer, settings.optim, fused=rt.fused)
     cfg_hash = qconfig.config_hash(qconfig.training_identity(settings.plain))
     resume_dir = run_dir / "resume"
     start = snapshots.segment_start(run_dir, until, settings.plain) if until is not None else None

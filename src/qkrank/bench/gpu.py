@@ -67,7 +67,8 @@ def _measure_attempt(cfg: ModelConfig, device: torch.device, micro_batch: int, g
         except Exception as e:  # noqa: BLE001 — any compile failure falls back to eager, reported
             compile_note = f"failed ({type(e).__name__}: {e}); eager"
     batches = random_batches(cfg.vocab_size, grad_accum, micro_batch, seq_len, device)
-    timer = StepTimer(model, batches, device, _autocast_factory(device, bf16))
+    # train.fused: auto is on with CUDA: fused AdamW and the chunked head loss, as training takes them.
+    timer = StepTimer(model, batches, device, _autocast_factory(device, bf16), fused=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def _measure_attempt(cfg: ModelConfig, device: torch.device, micro_batch: int, g
     first_step_s = time.perf_counter() - t0
     for i in range(warmup - 1 + steps):
         timer.step(record=i >= warmup - 1)
-    out = {"compile": compile_note, "first_step_s": first_step_s, "seconds": timer.seconds,
+    out = {"compile": compile_note, "fused": timer.fused, "first_step_s": first_step_s, "seconds": timer.seconds,
            "n_params": model.num_params(), "matmul_params": matmul_params(model)}
     if device.type == "cuda":
         out["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

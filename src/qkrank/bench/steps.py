@@ -53,13 +53,14 @@ def naive_copy(model: GPT) -> GPT:
 
 # ---------------------------------------------------------------- timing train steps
 
-def train_step(model: nn.Module, optimizers: dict, batches: torch.Tensor, autocast, clip: float = 1.0) -> float:
+def train_step(model: nn.Module, optimizers: dict, batches: torch.Tensor, autocast, clip: float = 1.0,
+               fused_loss: bool = False) -> float:
     """One optimizer step as qkrank.train takes it: accumulated forward/backward, clip, step, zero_grad."""
     accum = len(batches)
     loss_sum = 0.0
     for batch in batches:
         with autocast():
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            _, loss = model(batch[:, :-1], batch[:, 1:], fused_loss=fused_loss)
         (loss / accum).backward()
         loss_sum += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -76,19 +77,20 @@ def random_batches(vocab: int, grad_accum: int, micro_batch: int, seq_len: int, 
 
 
 class StepTimer:
-    """Times train steps of one model with its own optimizers; ``autocast`` is a context factory."""
+    """Times train steps of one model with its own optimizers; ``autocast`` is a context factory, ``fused``
+    the train.fused switch (fused AdamW, chunked head loss)."""
 
     def __init__(self, model: nn.Module, batches: torch.Tensor, device: torch.device, autocast=None,
-                 optimizer: str = "muon"):
-        self.model, self.batches, self.device = model, batches, device
+                 optimizer: str = "muon", fused: bool = False):
+        self.model, self.batches, self.device, self.fused = model, batches, device, fused
         self.autocast = autocast or contextlib.nullcontext
-        self.optimizers = build_optimizers(model, optimizer, BENCH_OPTIM)
+        self.optimizers = build_optimizers(model, optimizer, BENCH_OPTIM, fused=fused)
         self.seconds: list[float] = []
 
     def step(self, record: bool = True) -> None:
         _synchronize(self.device)
         t0 = time.perf_counter()
-        loss = train_step(self.model, self.optimizers, self.batches, self.autocast)
+        loss = train_step(self.model, self.optimizers, self.batches, self.autocast, fused_loss=self.fused)
         _synchronize(self.device)
         if not math.isfinite(loss):
             raise RuntimeError(f"benchmark step produced a non-finite loss ({loss})")
