@@ -39,11 +39,13 @@ def _torchrun(config_path: Path, data: Path, out: Path, **env) -> subprocess.Com
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_after_kill(tmp_path, micro_data):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])  # fused: AdamW and the head loss
+def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_after_kill(tmp_path, micro_data, fused):
     cfg = micro_config()
     cfg["grid"]["modes"] = ["learned"]
     # Global batch: micro_batch 4 (2 rows per process) × grad_accum 2 × 64 = 512 tokens per step, 8 steps.
-    cfg["scales"]["tiny"]["train"].update(grad_accum=2, nproc=2, total_tokens=4096, checkpoint_every_tokens=1024)
+    cfg["scales"]["tiny"]["train"].update(grad_accum=2, nproc=2, total_tokens=4096, checkpoint_every_tokens=1024,
+                                          fused=fused)
     config_path = write_config(tmp_path / "config.yaml", cfg)
     ddp = tmp_path / "ddp"
 
@@ -57,6 +59,7 @@ def test_two_gloo_processes_give_the_loss_curve_of_one_and_resume_after_kill(tmp
     assert not (ddp / "resume").exists() and not list(ddp.rglob("*.tmp"))
     manifest = json.loads((ddp / "train.json").read_text())
     assert (manifest["runtime"]["world_size"], manifest["runtime"]["backend"], manifest["steps"]) == (2, "gloo", 8)
+    assert manifest["runtime"]["fused"] is fused
 
     single = tmp_path / "single"
     train.train_cell(qconfig.cell_settings(qconfig.load(cfg), qconfig.Cell.parse(CELL)), micro_data, single)

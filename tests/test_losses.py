@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from qkrank.bench.steps import BENCH_OPTIM
 from qkrank.losses import CHUNK_BYTES, chunk_rows, linear_cross_entropy
@@ -65,6 +66,16 @@ def test_without_gradients_it_computes_the_loss_only():
     assert not loss.requires_grad and loss.grad_fn is None
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
 
+    def matmul_flops(grad_mode: bool) -> int:
+        with torch.set_grad_enabled(grad_mode), FlopCounterMode(display=False) as counter:
+            linear_cross_entropy(hidden, weight, targets, 4)
+        return counter.get_total_flops()
+
+    logits = 2 * 30 * 4 * 11
+    assert matmul_flops(False) == logits  # validation: the logits' product only
+    assert matmul_flops(True) == 3 * logits  # training: also both gradients, in the same pass
+
+
 
 def test_chunks_hold_at_most_chunk_bytes_of_float32_logits():
     assert chunk_rows(50257) == CHUNK_BYTES // (4 * 50257) == 1335
@@ -103,6 +114,23 @@ def test_the_models_fused_loss_gives_the_plain_loss_and_gradients(mode):
     for name, p in models["plain"].named_parameters():
         torch.testing.assert_close(fused[name].grad, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item(),
                                    msg=name)
+
+
+def test_the_fused_loss_compiles_into_one_graph_with_the_eager_result():
+    """torch.compile (train.compile) traces the autograd Function whole; aot_eager needs no C compiler."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=61, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                            max_seq_len=8)).double()
+    batch = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        _, loss = forward(batch[:, :-1], batch[:, 1:], fused_loss=True)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
+    for compiled, eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_adamw_takes_the_steps_of_the_default_adamw():

@@ -11,6 +11,7 @@ forward pass computes the loss and, when a gradient is wanted, the gradients of 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # A chunk's float32 logits at most this big: memory stays flat in tokens, and the matmuls stay large.
 CHUNK_BYTES = 256 * 2**20
@@ -23,9 +24,11 @@ def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
+                grad_enabled: bool) -> torch.Tensor:
         n = hidden.shape[0]
-        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad follows requires_grad even under no_grad (validation): the caller's grad mode decides.
+        wants_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         device_type = hidden.device.type
         # Under autocast the matmuls run in its dtype, as the plain head's would; softmax and sums in float32.
         low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -52,19 +55,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss / n
 
     @staticmethod
+    @once_differentiable  # the gradients were computed in forward: they have no graph to differentiate again
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          rows: int | None = None) -> torch.Tensor:
     """Mean over rows of cross_entropy(hidden @ weightᵀ, targets): hidden (n, d), weight (vocab, d), targets
-    (n,) int64; ``rows`` per chunk (default: chunk_rows of the vocabulary). Equal to the plain head's loss
-    and gradients up to rounding."""
+    (n,) int64, every one a class (no ``ignore_index``: training never masks targets); ``rows`` per chunk
+    (default: chunk_rows of the vocabulary). Equal to the plain head's loss and gradients up to rounding.
+    Without grad mode (validation) it computes the loss only."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
                          f"are not (n, d) and (vocab, d)")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} do not match {hidden.shape[0]} rows")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, rows or chunk_rows(weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows or chunk_rows(weight.shape[0]),
+                                     torch.is_grad_enabled())
