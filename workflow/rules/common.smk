@@ -13,6 +13,10 @@ from qkrank import identity as qidentity  # noqa: E402
 from qkrank import layout  # noqa: E402
 from qkrank import snapshots as qsnapshots  # noqa: E402
 from qkrank import verify as qverify  # noqa: E402
+from qkrank.snakemake_scheduler import coalesce_reevaluations  # noqa: E402
+
+# Snakemake's scheduler otherwise adds a timed pass per second for every finished job (snakemake#3744).
+coalesce_reevaluations()
 
 try:
     STUDY = qconfig.load(config)

@@ -1,0 +1,119 @@
+"""The scheduler patch: one pending re-evaluation timer, so scheduling passes stop multiplying with jobs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from qkrank import snakemake_scheduler
+
+job_scheduler = pytest.importorskip("snakemake.scheduling.job_scheduler")
+STOCK = job_scheduler.JobScheduler.__dict__["_schedule_reevalutation"]
+STOCK = getattr(STOCK, "__wrapped__", STOCK)
+
+
+class Loop:
+    """A stand-in for Snakemake's scheduling loop: each pass acquires ``_open_jobs`` and ends by calling
+    ``_schedule_reevalutation(delay)``; a finished job releases ``_open_jobs`` once, as Snakemake's does."""
+
+    def __init__(self, schedule_reevaluation, delay: float):
+        self._open_jobs = threading.Semaphore(0)
+        self.schedule_reevaluation, self.delay = schedule_reevaluation, delay
+        self.passes = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self._open_jobs.acquire(timeout=0.05):
+                continue
+            self.passes += 1
+            self.schedule_reevaluation(self, self.delay)
+
+    def passes_over(self, seconds: float, finished_jobs: int) -> int:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        self._open_jobs.release()  # the first pass
+        for _ in range(finished_jobs):  # jobs finish early on: each releases one pass
+            time.sleep(seconds / (4 * finished_jobs))
+            self._open_jobs.release()
+        time.sleep(seconds * 3 / 4)
+        self.stop.set()
+        thread.join()
+        return self.passes
+
+
+def test_stock_passes_multiply_with_finished_jobs_and_patched_ones_do_not():
+    # Known truth: every release starts a chain of one pass per delay. Stock: 1 + 20 chains over 1 s at
+    # 0.05 s ≈ 21 × 15 passes. Patched: one chain (≈ 20 timed passes) plus the 20 jobs' own passes.
+    seconds, delay, jobs = 1.0, 0.05, 20
+    stock = Loop(STOCK, delay).passes_over(seconds, jobs)
+    patched = Loop(snakemake_scheduler.one_pending_timer(STOCK), delay).passes_over(seconds, jobs)
+    assert stock > 150
+    assert patched <= jobs + seconds / delay + 5
+    assert patched >= seconds / delay / 2  # the timer keeps re-arming: passes go on without jobs
+
+
+def test_a_pass_still_follows_any_pass_within_one_delay():
+    loop = Loop(snakemake_scheduler.one_pending_timer(STOCK), 0.05)
+    schedule = loop.schedule_reevaluation
+    for _ in range(10):  # ten passes in a row arm a single timer
+        schedule(loop, loop.delay)
+    assert loop._open_jobs.acquire(timeout=1.0)
+    assert not loop._open_jobs.acquire(timeout=0.2)
+    schedule(loop, loop.delay)  # the timer has fired and forgotten itself: the next pass arms a new one
+    assert loop._open_jobs.acquire(timeout=1.0)
+
+
+def test_coalesce_patches_snakemake_once(monkeypatch):
+    monkeypatch.setattr(job_scheduler.JobScheduler, "_schedule_reevalutation", STOCK)
+    assert snakemake_scheduler.coalesce_reevaluations()
+    patched = job_scheduler.JobScheduler._schedule_reevalutation
+    assert getattr(patched, snakemake_scheduler.MARK) and patched.__wrapped__ is STOCK
+    assert snakemake_scheduler.coalesce_reevaluations()
+    assert job_scheduler.JobScheduler._schedule_reevalutation is patched
+
+
+def test_without_the_method_nothing_is_patched(monkeypatch):
+    monkeypatch.delattr(job_scheduler.JobScheduler, "_schedule_reevalutation")
+    assert not snakemake_scheduler.coalesce_reevaluations()
+
+
+SNAKEFILE = """
+from qkrank.snakemake_scheduler import coalesce_reevaluations
+if config["patch"]:
+    coalesce_reevaluations()
+
+rule all:
+    input: expand("out/{i}.txt", i=range(24))
+
+rule one:
+    output: "out/{i}.txt"
+    shell: "sleep 0.5; echo {wildcards.i} > {output}"
+"""
+
+
+def scheduling_passes(directory, patch: bool) -> tuple[int, float]:
+    """(passes that had ready jobs, seconds the jobs took) of a real Snakemake run of 24 jobs on 2 cores."""
+    directory.mkdir()
+    (directory / "Snakefile").write_text(textwrap.dedent(SNAKEFILE))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--verbose", "--config",
+                           f"patch={int(patch)}"], cwd=directory, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((directory / "out").glob("*.txt"))) == 24
+    h, m, s = re.search(r"Elapsed time: (\d+):(\d+):([\d.]+)", proc.stderr).groups()
+    return proc.stderr.count("Ready jobs"), 3600 * int(h) + 60 * int(m) + float(s)
+
+
+def test_a_real_snakemake_run_makes_a_pass_per_job_and_about_one_a_second(tmp_path):
+    # 24 jobs of 0.5 s on 2 cores: ≈ 6 s. Stock Snakemake adds a timed pass a second per finished job
+    # (≈ 24 + 22 × 3); patched, one per finished job plus about one a second.
+    stock, _ = scheduling_passes(tmp_path / "stock", patch=False)
+    patched, seconds = scheduling_passes(tmp_path / "patched", patch=True)
+    assert patched <= 24 + 2 * seconds + 5
+    assert stock > 2 * patched
