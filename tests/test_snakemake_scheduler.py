@@ -70,6 +70,16 @@ def test_a_pass_still_follows_any_pass_within_one_delay():
     assert loop._open_jobs.acquire(timeout=1.0)
 
 
+def test_a_sooner_request_replaces_a_later_pending_timer():
+    loop = Loop(snakemake_scheduler.one_pending_timer(STOCK), 0.05)
+    loop.schedule_reevaluation(loop, 30.0)  # e.g. Snakemake's wait for queue input
+    waiting, _ = getattr(loop, snakemake_scheduler.MARK)
+    loop.schedule_reevaluation(loop, 0.05)  # a rate-limited pass wants one within a timespan
+    assert loop._open_jobs.acquire(timeout=1.0)
+    assert waiting.finished.is_set()  # cancelled: it will not release a pass 30 s from now
+    assert getattr(loop, snakemake_scheduler.MARK) is None
+
+
 def test_coalesce_patches_snakemake_once(monkeypatch):
     monkeypatch.setattr(job_scheduler.JobScheduler, "_schedule_reevalutation", STOCK)
     assert snakemake_scheduler.coalesce_reevaluations()

@@ -14,12 +14,14 @@ it; with a Snakemake that has no such method it changes nothing.
 from __future__ import annotations
 
 import threading
+import time
 
 MARK = "_qkrank_one_pending_timer"
 
 
 def one_pending_timer(schedule_original):
-    """A ``_schedule_reevalutation(self, delay)`` that starts a timer only when none is pending.
+    """A ``_schedule_reevalutation(self, delay)`` that starts a timer only when none is pending that fires
+    sooner (a shorter delay replaces a pending longer one, e.g. Snakemake's 10-s queue-input wait).
 
     The timer forgets itself before it releases the scheduler's semaphore, so the pass it starts always arms
     the next one; passes started by finished jobs while a timer is pending arm nothing. The timer is a daemon
@@ -27,18 +29,23 @@ def one_pending_timer(schedule_original):
     lock = threading.Lock()
 
     def schedule_reevaluation(self, delay) -> None:
+        deadline = time.monotonic() + delay
         with lock:
-            if getattr(self, MARK, None) is not None:
-                return
+            pending = getattr(self, MARK, None)
+            if pending is not None:
+                if pending[1] <= deadline:
+                    return
+                pending[0].cancel()
 
             def fire() -> None:
                 with lock:
-                    setattr(self, MARK, None)
+                    if getattr(self, MARK, None) is not None and getattr(self, MARK)[0] is timer:
+                        setattr(self, MARK, None)
                 self._open_jobs.release()
 
             timer = threading.Timer(delay, fire)
             timer.daemon = True
-            setattr(self, MARK, timer)
+            setattr(self, MARK, (timer, deadline))
         timer.start()
 
     schedule_reevaluation.__wrapped__ = schedule_original
