@@ -16,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 
-MARK = "_qkrank_one_pending_timer"
+PATCHED = "_qkrank_one_pending_timer"  # set on the patched method
+PENDING = "_qkrank_pending_reevaluation"  # (timer, deadline) on a scheduler while its timer is pending
 
 
 def one_pending_timer(schedule_original):
@@ -31,7 +32,7 @@ def one_pending_timer(schedule_original):
     def schedule_reevaluation(self, delay) -> None:
         deadline = time.monotonic() + delay
         with lock:
-            pending = getattr(self, MARK, None)
+            pending = getattr(self, PENDING, None)
             if pending is not None:
                 if pending[1] <= deadline:
                     return
@@ -39,18 +40,18 @@ def one_pending_timer(schedule_original):
 
             def fire() -> None:
                 with lock:
-                    if getattr(self, MARK, None) is not None and getattr(self, MARK)[0] is timer:
-                        setattr(self, MARK, None)
+                    pending = getattr(self, PENDING, None)
+                    if pending is not None and pending[0] is timer:  # not replaced by a sooner one
+                        setattr(self, PENDING, None)
                 self._open_jobs.release()
 
             timer = threading.Timer(delay, fire)
             timer.daemon = True
-            setattr(self, MARK, (timer, deadline))
+            setattr(self, PENDING, (timer, deadline))
         timer.start()
 
     schedule_reevaluation.__wrapped__ = schedule_original
-    schedule_reevaluation.__doc__ = __doc__.splitlines()[0]
-    setattr(schedule_reevaluation, MARK, True)
+    setattr(schedule_reevaluation, PATCHED, True)
     return schedule_reevaluation
 
 
@@ -63,6 +64,6 @@ def coalesce_reevaluations() -> bool:
     original = getattr(JobScheduler, "_schedule_reevalutation", None)  # sic: Snakemake's spelling
     if original is None:
         return False
-    if not getattr(original, MARK, False):
+    if not getattr(original, PATCHED, False):
         JobScheduler._schedule_reevalutation = one_pending_timer(original)
     return True
