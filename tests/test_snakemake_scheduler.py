@@ -54,11 +54,11 @@ def test_stock_passes_multiply_with_finished_jobs_and_patched_ones_do_not():
     seconds, delay, jobs = 1.0, 0.05, 20
     bound = jobs + seconds / delay + 5
     patched = Loop(snakemake_scheduler.one_pending_timer(STOCK), delay).passes_over(seconds, jobs)
-    assert seconds / delay / 2 <= patched <= bound  # the timer keeps re-arming, and only once
+    assert seconds / delay / 4 <= patched <= bound  # the timer keeps re-arming, and only once
     stock = Loop(STOCK, delay).passes_over(seconds, jobs)
     if stock <= bound:
         pytest.skip(f"this Snakemake's own timer no longer multiplies passes ({stock}): the patch is not needed")
-    assert stock > 150
+    assert stock > 2 * bound
 
 
 def test_a_pass_still_follows_any_pass_within_one_delay():
