@@ -60,6 +60,8 @@ def test_quick_mode_writes_sane_positive_numbers(quick_results):
     job = probe["cost"]["job"]
     assert _positive(job["work_s"]) and job["job_wall_s"] == min(job["job_wall_s_all"])
     assert job["startup_over_work"] == pytest.approx((job["job_wall_s"] - job["work_s"]) / job["work_s"])
+    assert job["forked_job_wall_s"] == min(job["forked_job_wall_s_all"])
+    assert job["forked_startup_s"] < job["startup_s"], "a forked probe job should start faster than a new process"
     workflow = json.loads((out / "workflow.json").read_text())
     assert workflow["n_jobs"] > 10 and _positive(workflow["dry_run_s"])
     gpu = json.loads((out / "gpu.json").read_text())

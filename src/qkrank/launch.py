@@ -10,6 +10,8 @@ one running Snakemake) with stdout and stderr in LOG, and:
 - forwards SIGTERM and SIGUSR1 to the job (Ctrl-C's SIGINT reaches it from the terminal directly) and exits
   with its exit status (75: preempted, retry);
 - keeps freed memory in the process (``GLIBC_TUNABLES``, unless set): no page-fault storm at every step;
+- hands the job to the run's fork server where there is one (``qkrank.forkserver``: no torch import per job),
+  and starts ``python`` itself otherwise;
 - on failure, ends LOG and stderr with one line naming the cause: ``no space left on device: <dir>``, a
   GPU asked for where there is none, or the last line of the job's traceback.
 """
@@ -25,6 +27,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from qkrank import forkserver
 
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
@@ -101,8 +105,11 @@ def main(argv=None) -> int:
         keep_attempt(args.log)
         if os.getppid() != parent:  # the parent died before the request took effect
             return 1
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-                                 env=job_env(os.environ))
+        env = job_env(os.environ)
+        child = forkserver.submit(command[1:], env, (0, log.fileno(), log.fileno()))
+        if child is None:  # no server, or not a job it runs: a process of its own
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                     env=env)
         for sig in FORWARDED:
             signal.signal(sig, lambda signum, frame: child.send_signal(signum))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -111,10 +118,15 @@ def main(argv=None) -> int:
         with open(args.log, "rb") as log:
             log.seek(max(start, log.seek(0, os.SEEK_END) - 20000))
             tail = log.read().decode(errors="replace")
-        line = f"qkrank: {' '.join(command[1:3])} failed (exit {status}): {cause(tail, args.log.parent)}"
-        with open(args.log, "a") as log:
+    with open(args.log, "a") as log:
+        if isinstance(child, forkserver.Job) and child.cpu_s is not None:
+            # Snakemake's benchmark measures this launcher, not the forked job: its use is here
+            print(f"qkrank: forked by {forkserver.__name__}: {child.cpu_s:.2f} CPU-s, "
+                  f"peak RSS {child.max_rss_mb:,.0f} MB", file=log)
+        if status != 0:
+            line = f"qkrank: {' '.join(command[1:3])} failed (exit {status}): {cause(tail, args.log.parent)}"
             print(line, file=log)
-        print(line, file=sys.stderr)
+            print(line, file=sys.stderr)
     return status if status >= 0 else 128 - status
 
 

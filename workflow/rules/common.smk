@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from qkrank import config as qconfig  # noqa: E402
+from qkrank import forkserver as qforkserver  # noqa: E402
 from qkrank import identity as qidentity  # noqa: E402
 from qkrank import layout  # noqa: E402
 from qkrank import snapshots as qsnapshots  # noqa: E402
@@ -50,6 +51,28 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(workflow.based
 envvars:
     "QKRANK_PYTHON",
     "PYTHONPATH",
+
+
+# A local run starts one fork server (src/qkrank/forkserver.py) that has imported torch, numpy and h5py, and
+# the launcher has it fork each job instead of starting a new interpreter that imports them again.
+# QKRANK_FORKSERVER=off runs every job as its own process; cluster jobs always are.
+FORK_SERVER = []
+
+
+onstart:
+    if workflow.is_main_process and workflow.local_exec and os.environ["QKRANK_PYTHON"] == sys.executable:
+        server = qforkserver.start(Path(RESULTS) / "logs" / "forkserver.log")
+        if server is not None:
+            FORK_SERVER.append(server)
+            os.environ[qforkserver.ENV] = str(server[1])
+
+
+onsuccess:
+    qforkserver.stop(FORK_SERVER.pop() if FORK_SERVER else None)
+
+
+onerror:
+    qforkserver.stop(FORK_SERVER.pop() if FORK_SERVER else None)
 
 
 # Every job is `"$QKRANK_PYTHON" -m qkrank.launch --log LOG -- -m qkrank.<stage> …` (src/qkrank/launch.py: each

@@ -73,8 +73,11 @@ def markdown_table(results: dict) -> str:
                  ("  same, without / with `act`", f"{pc['probe_cost_ratio_without_act']:.1%} / "
                   f"{pc['probe_cost_ratio_with_act']:.1%}", "")]
         job = pc["job"]
-        rows.append(("probe job (`python -m qkrank.probe`): start-up ÷ work",
+        rows.append(("probe job, a process of its own: start-up ÷ work",
                      f"{job['startup_s']:.2f} s ÷ {job['work_s']:.2f} s = {job['startup_over_work']:.1f}×", ""))
+        rows.append(("probe job as the workflow runs it (launcher + fork server): start-up ÷ work",
+                     f"{job['forked_startup_s']:.2f} s ÷ {job['work_s']:.2f} s = "
+                     f"{job['forked_startup_over_work']:.1f}×", ""))
     pm = results.get("probe_memory")
     if pm:
         rows.append((f"probe peak RSS, ×{pm['tokens_ratio_last_over_first']:.0f} tokens (no `act`)",
