@@ -14,11 +14,27 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 from pathlib import Path
+
+FORKED = re.compile(r"^qkrank: forked by \S+: ([0-9.]+) CPU-s", re.MULTILINE)
+
+
+def forked_cpu_s(log: Path) -> float:
+    """CPU seconds of a job the fork server ran, from the line the launcher ends its log with (Snakemake's
+    benchmark measures the launcher, not the forked job); 0 for a job that ran as a process of its own."""
+    try:
+        found = FORKED.findall(log.read_text(errors="replace"))
+    except OSError:
+        return 0.0
+    return float(found[-1]) if found else 0.0
 
 
 def job_times(benchmarks: Path) -> dict[str, dict[str, float]]:
-    """{kind: {"jobs", "s", "cpu_time"}}; kind = the first path part under benchmarks/ without its suffix."""
+    """{kind: {"jobs", "s", "cpu_time"}}; kind = the first path part under benchmarks/ without its suffix.
+    A job's CPU time is its benchmark's plus, where the fork server ran it, what its log (logs/ beside
+    benchmarks/, the same relative path) says the forked job used."""
+    logs = benchmarks.parent / "logs"
     out: dict[str, dict[str, float]] = {}
     for path in sorted(benchmarks.rglob("*.tsv")):
         kind = path.relative_to(benchmarks).parts[0].removesuffix(".tsv")
@@ -31,6 +47,7 @@ def job_times(benchmarks: Path) -> dict[str, dict[str, float]]:
         entry["jobs"] += 1
         entry["s"] += float(row["s"])
         entry["cpu_time"] += float(row.get("cpu_time") or 0.0)
+        entry["cpu_time"] += forked_cpu_s(logs / path.relative_to(benchmarks).with_suffix(".log"))
     return out
 
 

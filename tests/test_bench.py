@@ -202,12 +202,18 @@ def test_study_time_sums_job_seconds_per_kind_and_the_probe_share(tmp_path):
         path = tmp_path / "benchmarks" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + f"{s}\t0:00:01\t1\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    # a job the fork server ran: the benchmark measured its launcher (0.05 CPU-s), the log has the job's own
+    log = tmp_path / "logs" / "probe/tiny/none/muon/seed0/512.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("probing\nqkrank: forked by qkrank.forkserver: 1.95 CPU-s, peak RSS 324 MB\n")
+    (tmp_path / "benchmarks" / "probe/tiny/none/muon/seed0/512.tsv").write_text(
+        header + "2.5\t0:00:02\t1\t1\t1\t1\t0\t0\t50\t0.05\n")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "study_time.py"), str(tmp_path), "--wall", "50",
                            "--cores", "2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "| 2 | train | 180.0 | 160.0 | 95.2% |" in proc.stdout
-    assert "| 2 | probe | 5.0 | 4.0 | 2.6% |" in proc.stdout and "| 1 | data | 4.0 | 1.0 |" in proc.stdout
-    assert "probe jobs ÷ (2 cores × 50 s wall) = 5.0%" in proc.stdout  # 5 s of probes in 100 core-seconds
+    assert "| 2 | train | 180.0 | 160.0 | 94.0% |" in proc.stdout
+    assert "| 3 | probe | 7.5 | 6.0 | 3.9% |" in proc.stdout and "| 1 | data | 4.0 | 1.0 |" in proc.stdout
+    assert "probe jobs ÷ (2 cores × 50 s wall) = 7.5%" in proc.stdout  # 7.5 s of probes in 100 core-seconds
 
 
 def test_state_packing_bench_measures_a_trained_state_and_a_state_file(tmp_path):

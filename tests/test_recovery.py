@@ -154,6 +154,20 @@ def test_a_moved_study_reruns_nothing(reference, tmp_path):
     assert not jobs, out[-3000:]
 
 
+def test_jobs_as_processes_of_their_own_give_the_same_results_as_forked_jobs(reference, tmp_path):
+    """The reference's jobs were forked by its run's fork server (qkrank.forkserver), which is gone with the run;
+    with QKRANK_FORKSERVER=off every job is a new interpreter, and every number is the same to the bit."""
+    logs = reference / "results" / "logs"
+    jobs = [p for p in logs.glob("*/**/*.log") if ".attempt" not in p.name]
+    assert jobs and all("qkrank: forked by qkrank.forkserver" in p.read_text() for p in jobs)
+    socket = re.search(r"forkserver: (\S+): ready", (logs / "forkserver.log").read_text()).group(1)
+    assert not Path(socket).parent.exists(), "the fork server's socket directory outlived its run"
+    project = copy_project(tmp_path / "unforked")
+    ok(shell(RUN, project, {**user_env(), "QKRANK_FORKSERVER": "off"}))
+    assert not any("forked by" in p.read_text() for p in (project / "results" / "logs").rglob("*.log"))
+    assert results_of(project) == results_of(reference)
+
+
 def test_kill_9_of_the_whole_workflow_then_the_readme_recovery_gives_the_same_results(reference, tmp_path):
     project = copy_project(tmp_path / "killed")
     proc = start(RUN, project)

@@ -295,6 +295,8 @@ class Server:
         for leftover in (self.path, ready_file(self.path)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        with contextlib.suppress(OSError):  # start() made it for the socket alone
+            self.path.parent.rmdir()
         self.listener.close()
 
     def _accept(self) -> None:
@@ -420,13 +422,17 @@ def start(log: Path, environ=os.environ) -> tuple[subprocess.Popen, Path] | None
         return None
     from qkrank.launch import job_env
 
-    directory = Path(tempfile.mkdtemp(prefix="qkrank-fork-"))  # private (0700), and short enough for a socket
-    path = directory / "socket"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "qkrank.forkserver", "--socket", str(path)],
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env=job_env(environ), preexec_fn=_die_with_parent)
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="qkrank-fork-"))  # private (0700), short enough for a socket
+        path = directory / "socket"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "qkrank.forkserver", "--socket", str(path)],
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       env=job_env(environ), preexec_fn=_die_with_parent)
+    except OSError as error:  # the jobs then start as processes of their own
+        print(f"qkrank: no fork server ({error}): every job starts its own interpreter", file=sys.stderr)
+        return None
     return process, path
 
 
