@@ -433,6 +433,15 @@ def start(log: Path, environ=os.environ) -> tuple[subprocess.Popen, Path] | None
     except OSError as error:  # the jobs then start as processes of their own
         print(f"qkrank: no fork server ({error}): every job starts its own interpreter", file=sys.stderr)
         return None
+    # Listening takes ~0.1 s; the imports after it do not hold Snakemake up (the first jobs wait for them).
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            print(f"qkrank: the fork server did not start (see {log}): every job starts its own interpreter",
+                  file=sys.stderr)
+            stop((process, path))
+            return None
+        time.sleep(0.01)
     return process, path
 
 
