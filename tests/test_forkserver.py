@@ -218,3 +218,20 @@ def test_stop_removes_the_socket_and_its_directory(package, tmp_path):
     forkserver.stop(started)
     assert not started[1].parent.exists() and started[0].returncode is not None
     assert forkserver.start(tmp_path / "forkserver.log", {**env, forkserver.ENV: forkserver.OFF}) is None
+
+
+def test_a_server_killed_with_its_workflow_leaves_nothing_once_the_next_one_starts(package, tmp_path):
+    _, env = package
+    killed = forkserver.start(tmp_path / "forkserver.log", env)
+    forkserver.wait_ready(killed)
+    killed[0].kill()  # kill -9 of the whole workflow: the server cannot clean up
+    killed[0].wait()
+    assert killed[1].exists()
+    running = forkserver.start(tmp_path / "forkserver.log", env)
+    try:
+        assert not killed[1].parent.exists()
+        assert running[1].exists(), "a live server's socket was taken for a stale one"
+        assert forkserver.remove_stale() == [] and running[1].exists()
+    finally:
+        forkserver.stop(running)
+    assert "refused" not in (tmp_path / "forkserver.log").read_text()

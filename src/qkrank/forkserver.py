@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 
 ENV = "QKRANK_FORKSERVER"
+PREFIX = "qkrank-fork-"  # the socket's directory under the temporary directory
 OFF = "off"
 # What every job module imports before it works; the job's own qkrank modules are imported by each child.
 PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.nn.parallel", "h5py", "yaml", "setproctitle")
@@ -156,6 +157,8 @@ def _die_with_parent() -> None:
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     conn.settimeout(START_TIMEOUT_S)
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    if not data:
+        raise Refused("")  # a connection that only checks the server is there (remove_stale)
     if len(data) < HEADER.size:
         raise Refused("short request")
     (size,) = HEADER.unpack(data[:HEADER.size])
@@ -311,7 +314,8 @@ class Server:
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps({"refused": str(error)}).encode() + b"\n")
             conn.close()
-            print(f"forkserver: refused a job: {error}", flush=True)
+            if str(error):
+                print(f"forkserver: refused a job: {error}", flush=True)
             return
         sys.stdout.flush()
         sys.stderr.flush()
@@ -422,8 +426,9 @@ def start(log: Path, environ=os.environ) -> tuple[subprocess.Popen, Path] | None
         return None
     from qkrank.launch import job_env
 
+    remove_stale()
     try:
-        directory = Path(tempfile.mkdtemp(prefix="qkrank-fork-"))  # private (0700), short enough for a socket
+        directory = Path(tempfile.mkdtemp(prefix=PREFIX))  # private (0700), short enough for a socket
         path = directory / "socket"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -443,6 +448,30 @@ def start(log: Path, environ=os.environ) -> tuple[subprocess.Popen, Path] | None
             return None
         time.sleep(0.01)
     return process, path
+
+
+def remove_stale() -> list[Path]:
+    """Remove this user's socket directories whose server is gone without removing them (kill -9 of the whole
+    workflow): the socket is there and refuses connections. Returns what was removed."""
+    removed = []
+    for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        path = directory / "socket"
+        try:
+            if directory.stat().st_uid != os.getuid() or not path.exists():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(str(path))  # a live server takes this for an empty request and drops it
+        except ConnectionRefusedError:
+            for leftover in (path, ready_file(path)):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+                removed.append(directory)
+        except OSError:
+            continue
+    return removed
 
 
 def ready_file(path: Path) -> Path:
