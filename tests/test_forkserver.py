@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,7 +30,12 @@ JOB = '''
 import json, os, signal, sys, time
 from pathlib import Path
 
-print(json.dumps({"version": 1, "cwd": os.getcwd(), "argv": sys.argv[1:], "var": os.environ.get("QKRANK_TEST_VAR"),
+import qkrank
+
+sockets = [link for fd in os.listdir("/proc/self/fd") if (link := os.path.realpath(f"/proc/self/fd/{fd}")) and
+           ("socket:" in link or link.endswith(".log") and fd not in ("1", "2"))]
+print(json.dumps({"version": 1, "package_version": qkrank.__version__, "leaked": sockets,
+                  "cwd": os.getcwd(), "argv": sys.argv[1:], "var": os.environ.get("QKRANK_TEST_VAR"),
                   "torch_already_imported": "torch" in sys.modules, "pid": os.getpid(),
                   "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}),
       flush=True)
@@ -47,6 +55,14 @@ if what == "wait":
 if what == "sleep":
     Path(sys.argv[2]).write_text("")
     time.sleep(60)
+if what == "unflushed":  # output still in the buffer when the job ends, as a new interpreter would flush it
+    print(f"unflushed before {sys.argv[2]}")
+    if sys.argv[2] == "exit":
+        sys.exit(3)
+    if sys.argv[2] == "raise":
+        raise ValueError("raised after unflushed output")
+    Path(sys.argv[3]).write_text("")
+    time.sleep(60)
 '''
 
 
@@ -59,6 +75,7 @@ def package(tmp_path) -> tuple[Path, dict]:
     env = env_with_src()
     env["PYTHONPATH"] = str(src)
     env.pop(forkserver.ENV, None)
+    env.pop("PYTHONUNBUFFERED", None)  # so that output a job leaves in its buffers is tested
     return src, env
 
 
@@ -131,11 +148,52 @@ def test_code_edited_while_the_server_runs_is_what_the_next_job_runs(server, pac
     _, env = server
     log = tmp_path / "job.log"
     launch(env, log, "-m", "qkrank.test_job", "exit", "0")
-    assert first_line(log)["version"] == 1
+    assert first_line(log)["version"] == 1 and first_line(log)["package_version"] != "edited"
     module = src / "qkrank" / "test_job.py"
     module.write_text(module.read_text().replace('"version": 1', '"version": 2'))
+    init = src / "qkrank" / "__init__.py"  # imported by the server itself
+    init.write_text(re.sub(r'__version__ = "[^"]*"', '__version__ = "edited"', init.read_text()))
+    log.unlink()
     launch(env, log, "-m", "qkrank.test_job", "exit", "0")
-    assert json.loads(log.read_text().splitlines()[-2])["version"] == 2
+    assert first_line(log)["version"] == 2 and first_line(log)["package_version"] == "edited"
+
+
+def test_output_left_in_the_buffers_reaches_the_log_however_the_job_ends(server, tmp_path):
+    _, env = server
+    for how, status in (("exit", 3), ("raise", 1), ("ctrl-c", 130)):
+        log, marker = tmp_path / f"{how}.log", tmp_path / f"{how}.started"
+        proc = launch(env, log, "-m", "qkrank.test_job", "unflushed", how, str(marker), wait=False)
+        if how == "ctrl-c":
+            wait_for(marker)
+            os.kill(first_line(log)["pid"], signal.SIGINT)
+        proc.communicate(timeout=60)
+        assert proc.returncode == status and f"unflushed before {how}" in log.read_text(), (how, log.read_text())
+
+
+def test_a_job_holds_no_socket_or_log_of_the_server_or_of_other_jobs(server, tmp_path):
+    _, env = server
+    marker = tmp_path / "signal"
+    running = launch(env, tmp_path / "running.log", "-m", "qkrank.test_job", "wait", str(marker), wait=False)
+    wait_for(Path(f"{marker}.started"))
+    log = tmp_path / "job.log"
+    assert launch(env, log, "-m", "qkrank.test_job", "exit", "0").returncode == 0
+    job = first_line(log)
+    assert job["torch_already_imported"] and job["leaked"] == [], job["leaked"]
+    running.send_signal(signal.SIGTERM)
+    running.communicate(timeout=60)
+
+
+def test_a_malformed_request_and_ctrl_c_leave_the_server_serving(server, tmp_path):
+    (process, path), env = server
+    for body in (b"[1, 2]", b"not json", b'{"argv": "-m"}'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw, open(os.devnull, "rb") as null:
+            raw.connect(str(path))
+            socket.send_fds(raw, [struct.pack("!I", len(body)) + body], [null.fileno()] * 3)
+            assert b"refused" in raw.recv(4096)
+    os.kill(process.pid, signal.SIGINT)
+    log = tmp_path / "job.log"
+    assert launch(env, log, "-m", "qkrank.test_job", "exit", "0").returncode == 0
+    assert first_line(log)["torch_already_imported"] and process.poll() is None
 
 
 def test_jobs_the_server_must_not_run_start_a_process_of_their_own(server, tmp_path):

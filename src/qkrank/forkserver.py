@@ -28,6 +28,7 @@ import importlib
 import io
 import json
 import os
+import select
 import selectors
 import shlex
 import signal
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 ENV = "QKRANK_FORKSERVER"
 PREFIX = "qkrank-fork-"  # the socket's directory under the temporary directory
@@ -60,6 +62,8 @@ STARTED_WITH: dict[str, str] = {}
 SET_BY_PRELOAD: dict[str, str] = {}
 MAX_REQUEST = 1 << 22
 START_TIMEOUT_S = 5.0
+# A launcher waits this long for the server to take its job (it may still be importing), then starts it itself.
+SUBMIT_TIMEOUT_S = 300.0
 
 
 class Refused(Exception):
@@ -78,20 +82,25 @@ def servable(argv: list[str]) -> bool:
 # ---------------------------------------------------------------------------------------------------- client
 
 class Job:
-    """A job the server has forked (``pid``: the child), with ``send_signal`` and ``wait`` as on a Popen."""
+    """A job the server has forked, with ``send_signal`` and ``wait`` as on a Popen. The child is held by a
+    pidfd, so a signal never reaches another process that reused its pid, and its end is seen even where no
+    one reaps it."""
 
-    def __init__(self, sock: socket.socket, pid: int):
-        self.sock, self.pid = sock, pid
+    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None):
+        self.sock, self.pid, self.pidfd = sock, pid, pidfd
         self.cpu_s: float | None = None  # the child's user + system CPU seconds, once it has ended
         self.max_rss_mb: float | None = None
 
     def send_signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
 
     def wait(self) -> int:
         """The child's exit status as subprocess reports it (minus the signal that ended it). If the server
-        went away before reporting, wait until the child is gone too and return 1."""
+        went away before reporting, wait until the child has ended too and return 1."""
         reply = b""
         while not reply.endswith(b"\n"):
             chunk = self.sock.recv(4096)  # a signal handler interrupting this is retried (PEP 475)
@@ -100,50 +109,61 @@ class Job:
             reply += chunk
         self.sock.close()
         if not reply.endswith(b"\n"):
-            while _alive(self.pid):
-                time.sleep(0.05)
+            self._wait_until_ended()
             return 1
+        if self.pidfd is not None:
+            os.close(self.pidfd)
         report = json.loads(reply)
         self.cpu_s, self.max_rss_mb = report["cpu_s"], report["max_rss_mb"]
         return report["status"]
 
+    def _wait_until_ended(self) -> None:
+        if self.pidfd is not None:  # readable once the process has ended, reaped or not
+            select.select([self.pidfd], [], [])
+            os.close(self.pidfd)
+            return
+        while True:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
-
-def submit(argv: list[str], env: dict[str, str], fds: tuple[int, int, int]) -> Job | None:
+def submit(argv: list[str], env: dict[str, str], fds: tuple[int, int, int],
+           timeout: float = SUBMIT_TIMEOUT_S) -> Job | None:
     """Hand ``python ARGV`` to the server named by ``env[ENV]``, with ``fds`` as its stdin, stdout and stderr.
 
-    None where there is no server, it cannot be reached, or it refuses the job: start the job yourself."""
+    None where there is no server, it cannot be reached, it refuses the job or has not answered within
+    ``timeout`` (it then drops the job, whose launcher is gone): start the job yourself."""
     path = env.get(ENV, "")
     if not path or path == OFF or not servable(argv) or not os.path.exists(path):
         return None
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env,
                           "executable": os.path.realpath(sys.executable)}).encode()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pidfds: list[int] = []
     try:
+        sock.settimeout(timeout)
         sock.connect(path)
         socket.send_fds(sock, [HEADER.pack(len(request)) + request], list(fds))
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = sock.recv(4096)
+            chunk, received, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+            pidfds += received
             if not chunk:
                 raise Refused("the server closed the connection")
             reply += chunk
         answer = json.loads(reply)
         if "pid" not in answer:
             raise Refused(answer.get("refused", "no reason given"))
+        sock.settimeout(None)
     except (OSError, ValueError, Refused):
+        for fd in pidfds:
+            os.close(fd)
         sock.close()
         return None
-    return Job(sock, answer["pid"])
+    return Job(sock, answer["pid"], pidfds[0] if pidfds else None)
 
 
 # ---------------------------------------------------------------------------------------------------- server
@@ -155,36 +175,49 @@ def _die_with_parent() -> None:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """The request and the three descriptors sent with it; on any error the descriptors are closed."""
     conn.settimeout(START_TIMEOUT_S)
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-    if not data:
-        raise Refused("")  # a connection that only checks the server is there (remove_stale)
-    if len(data) < HEADER.size:
-        raise Refused("short request")
-    (size,) = HEADER.unpack(data[:HEADER.size])
-    if size > MAX_REQUEST:
-        raise Refused(f"request of {size} bytes")
-    body = data[HEADER.size:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
+    try:
+        if not data:
+            raise Refused("")  # a connection that only checks the server is there (remove_stale)
+        if len(data) < HEADER.size:
             raise Refused("short request")
-        body += chunk
+        (size,) = HEADER.unpack(data[:HEADER.size])
+        if size > MAX_REQUEST:
+            raise Refused(f"request of {size} bytes")
+        body = data[HEADER.size:]
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise Refused("short request")
+            body += chunk
+        request = json.loads(body)
+        _check(request, fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     conn.settimeout(None)
-    return json.loads(body), fds
+    return request, fds
 
 
-def _check(request: dict, fds: list[int]) -> None:
+def _check(request, fds: list[int]) -> None:
+    if not isinstance(request, dict) or not isinstance(request.get("argv"), list) \
+            or not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
+        raise Refused("malformed request")
     if len(fds) != 3:
         raise Refused(f"{len(fds)} file descriptors (stdin, stdout, stderr expected)")
-    if request["executable"] != os.path.realpath(sys.executable):
-        raise Refused(f"another interpreter ({request['executable']})")
+    if request.get("executable") != os.path.realpath(sys.executable):
+        raise Refused(f"another interpreter ({request.get('executable')})")
     if not servable(request["argv"]):
-        raise Refused(f"not a qkrank module: {' '.join(request['argv'][:2])}")
+        raise Refused(f"not a qkrank module: {' '.join(map(str, request['argv'][:2]))}")
     mine, theirs = load_time_env(STARTED_WITH), load_time_env(request["env"])
     if mine != theirs:
         names = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise Refused(f"environment differs in {', '.join(names)}")
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        raise Refused("CUDA was initialised in the server; a forked child could not use it")
 
 
 def _reopen_std_streams(env: dict[str, str]) -> None:
@@ -201,67 +234,103 @@ def _reopen_std_streams(env: dict[str, str]) -> None:
     sys.stdin = sys.__stdin__ = open(0, closefd=False)
 
 
-def _run_child(request: dict, fds: list[int]) -> int:
-    """In the forked child: become the job and run it; returns the exit status (never raises)."""
-    import runpy
+def _become(request: dict, fds: list[int]) -> None:
+    """In the forked child: take the job's streams, title, directory, environment, arguments, threads, and a
+    fresh qkrank."""
+    import random
+    import tempfile as child_tempfile
 
     import setproctitle
 
-    try:
-        for fd, target in zip(fds, (0, 1, 2), strict=True):
-            os.dup2(fd, target)
-            os.close(fd)
-        _reopen_std_streams(request["env"])
-        # ps, top and psutil show the job's own command line, not the server's
-        setproctitle.setproctitle(shlex.join([sys.executable, *request["argv"]]))
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for name, value in SET_BY_PRELOAD.items():  # as the imports would set them in a process of its own
-            os.environ.setdefault(name, value)
+    for fd, target in zip(fds, (0, 1, 2), strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    _reopen_std_streams(request["env"])
+    # ps, top and psutil show the job's own command line, not the server's
+    setproctitle.setproctitle(shlex.join([sys.executable, *request["argv"]]))
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for name, value in SET_BY_PRELOAD.items():  # as the imports would set them in a process of its own
+        os.environ.setdefault(name, value)
+    child_tempfile.tempdir = None  # TMPDIR is the job's (Snakemake's tmpdir resource)
+    if not sys.flags.safe_path:
         sys.path[0] = os.getcwd()  # as `python -m` sets it
-        for name in [m for m in sys.modules if m == "qkrank" or m.startswith("qkrank.")]:
-            del sys.modules[name]
-        importlib.invalidate_caches()
-        import random
+    for name in [m for m in sys.modules if m == "qkrank" or m.startswith("qkrank.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    module, *args = request["argv"][1:]
+    sys.argv = [module, *args]
+    random.seed()  # a new interpreter seeds from the OS; so does each child
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
 
-        module, *args = request["argv"][1:]
-        sys.argv = [module, *args]
-        random.seed()  # a new interpreter seeds from the OS; so does each child
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed()
-        threads = os.environ.get("OMP_NUM_THREADS", "")
-        if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(threads))
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        return 0
+
+def _run_child(request: dict, fds: list[int]) -> tuple[int, bool]:
+    """In the forked child: become the job and run it as ``python -m`` would, up to its end but not its exit.
+    Returns (exit status, ended by Ctrl-C); never raises."""
+    import runpy
+
+    try:
+        _become(request, fds)
+        runpy.run_module(request["argv"][1], run_name="__main__", alter_sys=True)
+        return 0, False
     except SystemExit as end:
         code = end.code
         if code is None:
-            return 0
+            return 0, False
         if isinstance(code, int):
-            return code & 0xFF
+            return code & 0xFF, False
         print(code, file=sys.stderr)
-        return 1
+        return 1, False
     except KeyboardInterrupt:
-        traceback.print_exc()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # end by SIGINT, as Python does
-        os.kill(os.getpid(), signal.SIGINT)
-        return 130
+        sys.excepthook(*sys.exc_info())
+        return 130, True
     except BaseException:
-        traceback.print_exc()
-        return 1
+        sys.excepthook(*sys.exc_info())
+        return 1, False
+
+
+def _finish(status: int, interrupted: bool) -> NoReturn:
+    """End the child as an interpreter ends: non-daemon threads joined, atexit handlers, streams flushed
+    (status 120 if that fails), and death by SIGINT after a Ctrl-C."""
+    import threading
+
+    with contextlib.suppress(Exception):
+        threading._shutdown()
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 120
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status)
+
+
+# Signals a job must not lose between the fork and its own handlers: blocked over the fork, kept pending.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Server:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, parent: int):
         self.path = path
-        self.parent = os.getppid()
+        self.parent = parent
+        self.sigint = signal.getsignal(signal.SIGINT)  # what a job's SIGINT disposition starts as
         self.selector = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
+        # Bound and listening under another name, then renamed: a socket at ``path`` always accepts.
+        unready = path.with_name(path.name + ".binding")
+        self.listener.bind(str(unready))
         self.listener.listen(64)
+        os.rename(unready, path)
         self.wake_r, self.wake_w = socket.socketpair()
         for s in (self.wake_r, self.wake_w):
             s.setblocking(False)
@@ -275,18 +344,23 @@ class Server:
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        while not self.stopping:
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "wake":
-                    self._drain_wakeups()
-                else:
-                    self._launcher_event(key.fileobj, key.data)
-            self._reap()
-            if os.getppid() != self.parent:  # the Snakemake that started us is gone
-                break
-        self.close()
+        try:
+            while not self.stopping:
+                for key, _ in self.selector.select(timeout=1.0):
+                    try:
+                        if key.data == "accept":
+                            self._accept()
+                        elif key.data == "wake":
+                            self._drain_wakeups()
+                        else:
+                            self._launcher_event(key.fileobj, key.data)
+                    except Exception:  # one bad request or failed fork must not end the other jobs
+                        print("forkserver: " + traceback.format_exc(), flush=True)
+                self._reap()
+                if os.getppid() != self.parent:  # the Snakemake that started us is gone
+                    break
+        finally:
+            self.close()
 
     def _stop(self, *_) -> None:
         self.stopping = True
@@ -302,54 +376,71 @@ class Server:
             self.path.parent.rmdir()
         self.listener.close()
 
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"refused": reason}).encode() + b"\n")
+        conn.close()
+        if reason:
+            print(f"forkserver: refused a job: {reason}", flush=True)
+
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
-        fds: list[int] = []
         try:
             request, fds = _read_request(conn)
-            _check(request, fds)
-        except (OSError, ValueError, KeyError, Refused) as error:
+        except (OSError, ValueError, Refused) as error:
+            self._refuse(conn, str(error))
+            return
+        try:
+            if _hung_up(conn):
+                raise Refused("its launcher is gone")
+            pid, pidfd = self._fork(conn, request, fds)
+        except (OSError, Refused) as error:  # a failed fork (EAGAIN, ENOMEM): the launcher starts the job
+            self._refuse(conn, str(error))
+            return
+        finally:
             for fd in fds:
                 os.close(fd)
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps({"refused": str(error)}).encode() + b"\n")
-            conn.close()
-            if str(error):
-                print(f"forkserver: refused a job: {error}", flush=True)
-            return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        server_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            self._become_job(conn, request, fds, server_pid)
-        for fd in fds:
-            os.close(fd)
         self.jobs[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
         with contextlib.suppress(OSError):  # a launcher already gone is seen as its connection's end
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            socket.send_fds(conn, [json.dumps({"pid": pid}).encode() + b"\n"], [pidfd] if pidfd is not None else [])
+        if pidfd is not None:
+            os.close(pidfd)
 
-    def _become_job(self, conn: socket.socket, request: dict, fds: list[int], server_pid: int) -> None:
-        status = 1
+    def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> tuple[int, int | None]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        server_pid = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._become_job(conn, request, fds, server_pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # Linux before 5.3
+            pidfd = None
+        return pid, pidfd
+
+    def _become_job(self, conn: socket.socket, request: dict, fds: list[int], server_pid: int) -> NoReturn:
+        status, interrupted = 1, False
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler if self.sigint is signal.default_int_handler
+                          else self.sigint)
             self.selector.close()
             for s in (self.listener, self.wake_r, self.wake_w, conn, *self.jobs.values()):
                 s.close()
             _die_with_parent()
-            if os.getppid() != server_pid:  # the server died before the request took effect
-                return
-            status = _run_child(request, fds)
-            atexit._run_exitfuncs()  # what a process of its own runs at its end
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)  # what came since the fork arrives now
+            if os.getppid() == server_pid:  # else the server died before the request took effect
+                status, interrupted = _run_child(request, fds)
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError):
-                    stream.flush()
-            os._exit(status)
+            _finish(status, interrupted)
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(OSError):
@@ -387,6 +478,13 @@ class Server:
             conn.close()
 
 
+def _hung_up(conn: socket.socket) -> bool:
+    """The peer has closed its end (a launcher that gave up waiting, or died)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
 def preload() -> None:
     STARTED_WITH.update(os.environ)
     for name in PRELOAD:
@@ -403,10 +501,15 @@ def preload() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qkrank.forkserver", description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, type=Path, help="the Unix socket to listen on")
+    parser.add_argument("--parent", type=int, help="end when this process (the Snakemake) is gone "
+                        "(default: the parent process)")
     args = parser.parse_args(argv)
     gc.disable()
     _die_with_parent()
-    server = Server(args.socket)  # bound before the imports: a launcher that connects early waits for them
+    parent = args.parent or os.getppid()
+    if os.getppid() != parent:  # it ended before _die_with_parent took effect
+        return 1
+    server = Server(args.socket, parent)  # listening before the imports: early launchers wait for them
     started = time.perf_counter()
     preload()
     gc.enable()
@@ -432,9 +535,11 @@ def start(log: Path, environ=os.environ) -> tuple[subprocess.Popen, Path] | None
         path = directory / "socket"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "qkrank.forkserver", "--socket", str(path)],
+            # No preexec_fn: the caller (Snakemake) has threads; the server asks for PR_SET_PDEATHSIG itself.
+            process = subprocess.Popen([sys.executable, "-m", "qkrank.forkserver", "--socket", str(path),
+                                        "--parent", str(os.getpid())],
                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       env=job_env(environ), preexec_fn=_die_with_parent)
+                                       env=job_env(environ))
     except OSError as error:  # the jobs then start as processes of their own
         print(f"qkrank: no fork server ({error}): every job starts its own interpreter", file=sys.stderr)
         return None

@@ -57,6 +57,8 @@ envvars:
 # the launcher has it fork each job instead of starting a new interpreter that imports them again.
 # QKRANK_FORKSERVER=off runs every job as its own process; cluster jobs always are.
 FORK_SERVER = []
+if os.environ.get(qforkserver.ENV) != qforkserver.OFF:
+    os.environ.pop(qforkserver.ENV, None)  # an inherited one (a cluster job, a nested run) is not this run's
 
 
 onstart:
