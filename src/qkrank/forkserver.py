@@ -111,16 +111,13 @@ class Job:
         if not reply.endswith(b"\n"):
             self._wait_until_ended()
             return 1
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-        report = json.loads(reply)
+        report = json.loads(reply)  # the pidfd stays open: a late signal must not go to a reused fd number
         self.cpu_s, self.max_rss_mb = report["cpu_s"], report["max_rss_mb"]
         return report["status"]
 
     def _wait_until_ended(self) -> None:
         if self.pidfd is not None:  # readable once the process has ended, reaped or not
             select.select([self.pidfd], [], [])
-            os.close(self.pidfd)
             return
         while True:
             try:
