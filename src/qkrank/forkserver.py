@@ -366,11 +366,7 @@ class Server:
         for pid in list(self.jobs):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-        for leftover in (self.path, ready_file(self.path)):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-        with contextlib.suppress(OSError):  # start() made it for the socket alone
-            self.path.parent.rmdir()
+        remove_socket(self.path)
         self.listener.close()
 
     def _refuse(self, conn: socket.socket, reason: str) -> None:
@@ -565,11 +561,7 @@ def remove_stale() -> list[Path]:
                 probe.settimeout(1.0)
                 probe.connect(str(path))  # a live server takes this for an empty request and drops it
         except ConnectionRefusedError:
-            for leftover in (path, ready_file(path)):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            if remove_socket(path):
                 removed.append(directory)
         except OSError:
             continue
@@ -605,11 +597,19 @@ def stop(server: tuple[subprocess.Popen, Path] | None) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    remove_socket(path)
+
+
+def remove_socket(path: Path) -> bool:
+    """Remove a server's socket, its ready file and the directory start() made for them; True if it is gone."""
     for leftover in (path, ready_file(path)):
         with contextlib.suppress(OSError):
             leftover.unlink()
-    with contextlib.suppress(OSError):
+    try:
         path.parent.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
