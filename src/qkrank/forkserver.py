@@ -235,7 +235,6 @@ def _become(request: dict, fds: list[int]) -> None:
     """In the forked child: take the job's streams, title, directory, environment, arguments, threads, and a
     fresh qkrank."""
     import random
-    import tempfile as child_tempfile
 
     import setproctitle
 
@@ -250,7 +249,7 @@ def _become(request: dict, fds: list[int]) -> None:
     os.environ.update(request["env"])
     for name, value in SET_BY_PRELOAD.items():  # as the imports would set them in a process of its own
         os.environ.setdefault(name, value)
-    child_tempfile.tempdir = None  # TMPDIR is the job's (Snakemake's tmpdir resource)
+    tempfile.tempdir = None  # TMPDIR is the job's (Snakemake's tmpdir resource)
     if not sys.flags.safe_path:
         sys.path[0] = os.getcwd()  # as `python -m` sets it
     for name in [m for m in sys.modules if m == "qkrank" or m.startswith("qkrank.")]:
