@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 from conftest import REPO, env_with_src
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from qkrank import runtime
-from qkrank.bench import core, gpu, steps
+from qkrank.bench import core, gpu, roofline, steps
 from qkrank.model import GPT, ModelConfig
 
 SMALL = {"vocab_size": 96, "n_layers": 2, "max_seq_len": 64}
@@ -51,6 +52,13 @@ def test_quick_mode_writes_sane_positive_numbers(quick_results):
     if native:
         assert training["bf16_over_fp32_tokens_per_s"] == pytest.approx(
             training["bf16"]["tokens_per_s"] / training["fp32"]["tokens_per_s"])
+    for name in dtypes:  # the GEMM roofline: the step's GEMMs timed alone, and the MFU they alone would allow
+        roof, run = training["gemm_roofline"][name], training[name]
+        assert roof["gemm_s"] == pytest.approx(sum(g["seconds"] for g in roof["gemms"]))
+        tokens, peak = training["micro_batch"] * training["seq_len"], training["matmul_peak_flops"][name]
+        assert roof["model_flops"] == training["flops_per_token"]["total"] * tokens
+        assert roof["mfu_ceiling"] == pytest.approx(roof["model_flops"] / roof["gemm_s"] / peak)
+        assert 0 < run["of_gemm_roofline"] == pytest.approx(roof["gemm_s"] / run["step_s"])
     assert training["flops_formula"] == core.FLOPS_FORMULA and training["machine"]["threads"] == 1
     probe = json.loads((out / "probe.json").read_text())
     assert _positive(probe["cost"]["interval_train_s"]) and _positive(probe["cost"]["probe_cost_ratio"])
@@ -92,6 +100,55 @@ def test_flop_formula_equals_torch_flop_counter():
     assert _counted_flops(steps.naive_copy(model), idx) == per_token["total"] * tokens
     # torch's counter has no formula for the CPU flash-attention kernel: there it sees the dense part only.
     assert _counted_flops(model, idx) in (per_token["total"] * tokens, per_token["dense"] * tokens)
+
+
+class _GemmShapes(TorchDispatchMode):
+    """Records (batch, m, k, n, a transposed, b transposed) of every matrix product dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            batch = a.shape[0] if a.dim() == 3 else 1
+            self.shapes.append((batch, a.shape[-2], a.shape[-1], b.shape[-1], not a.is_contiguous(),
+                                not b.is_contiguous()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "n_kv_heads": 1, "d_ff": 96}])
+def test_step_gemms_are_the_products_autograd_runs(overrides):
+    """The roofline's list is what one forward+backward of the naive model (attention as plain matmuls)
+    dispatches, shape for shape and layout for layout, and its FLOPs are the formula's, with gradient
+    accumulation too."""
+    torch.manual_seed(0)
+    model = steps.naive_copy(GPT(ModelConfig.from_preset("tiny", **{**SMALL, **overrides})))
+    batch, seq_len = 3, 48
+    idx = torch.randint(0, SMALL["vocab_size"], (batch, seq_len + 1))
+    with _GemmShapes() as seen:
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    listed = roofline.step_gemms(model.cfg, batch, seq_len)
+    expected = [(g.batch, g.m, g.k, g.n, g.a_transposed, g.b_transposed) for g in listed for _ in range(g.count)]
+    assert sorted(seen.shapes) == sorted(expected)
+    per_token = core.model_flops_per_token(model.cfg, core.matmul_params(model), seq_len)["total"]
+    assert sum(g.flops for g in listed) == per_token * batch * seq_len
+    assert sum(g.flops for g in roofline.step_gemms(model.cfg, batch, seq_len, grad_accum=2)) == \
+        2 * per_token * batch * seq_len
+
+
+def test_roofline_times_each_shape_once_with_the_layout_autograd_passes():
+    cfg = ModelConfig.from_preset("tiny", **SMALL)
+    gen = torch.Generator().manual_seed(0)
+    for g in roofline.step_gemms(cfg, 2, 16):
+        a, b = roofline._operands(g, torch.float32, torch.device("cpu"), gen)
+        assert torch.matmul(a, b).shape == ((g.m, g.n) if g.batch == 1 else (g.batch, g.m, g.n)), g
+        assert a.is_contiguous() != g.a_transposed and b.is_contiguous() != g.b_transposed, g
+    result = roofline.gemm_roofline(cfg, 2, 16, torch.float32, torch.device("cpu"), peak_flops=1e9, round_s=0.001)
+    assert result["distinct_shapes"] == len({g.shape for g in roofline.step_gemms(cfg, 2, 16)})
+    assert all(_positive(r["seconds"]) for r in result["gemms"]) and result["dtype"] == "float32"
 
 
 def test_matmul_params_counts_every_linear_weight_once():

@@ -61,6 +61,12 @@ def markdown_table(results: dict) -> str:
                          f"≥ {GOALS['cpu_mfu']:.0%}" if used else ""))
             if name != "fp32":
                 rows.append((f"CPU MFU {name} vs fp32 matmul peak", f"{run['mfu_vs_fp32_peak']:.1%}", ""))
+            roof = tr["gemm_roofline"][name]
+            rows.append((f"CPU {name}: the step's own GEMMs timed alone (its GEMM roofline) ÷ the step",
+                         f"{roof['gemm_s'] * 1e3:,.1f} ms ÷ {run['step_s'] * 1e3:,.1f} ms = "
+                         f"{run['of_gemm_roofline']:.1%}", ""))
+            rows.append((f"CPU {name}: MFU ceiling, if nothing but those GEMMs took time", f"{roof['mfu_ceiling']:.1%}",
+                         ""))
         if "bf16_over_fp32_tokens_per_s" in tr:
             rows.append(("bf16 ÷ fp32: train tokens/s, matmul peak", f"{tr['bf16_over_fp32_tokens_per_s']:.2f}×, "
                          f"{tr['bf16_over_fp32_matmul_peak']:.2f}×", ""))

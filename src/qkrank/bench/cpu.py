@@ -8,6 +8,7 @@ import torch
 
 from qkrank import runtime
 from qkrank.bench.core import FLOPS_FORMULA, GOALS, matmul_params, matmul_peak, model_flops_per_token
+from qkrank.bench.roofline import gemm_roofline
 from qkrank.bench.steps import StepTimer, naive_copy, random_batches
 from qkrank.model import GPT, ModelConfig
 
@@ -21,7 +22,9 @@ def training_efficiency(threads: int, quick: bool) -> dict:
     bf16) bf16 autocast, MFU against each dtype's matmul peak, speed-up over naive attention.
 
     ``real`` is the precision qkrank.train picks with ``bf16: auto`` on this machine; its ``mfu`` is against
-    that precision's peak, ``mfu_vs_fp32_peak`` against the fp32 peak for comparison.
+    that precision's peak, ``mfu_vs_fp32_peak`` against the fp32 peak for comparison. ``gemm_roofline`` times
+    the step's own GEMMs alone in each dtype (qkrank.bench.roofline): ``of_gemm_roofline`` is their time over the
+    step's, and the roofline's ``mfu_ceiling`` the MFU the step would reach if nothing but its GEMMs took time.
     """
     torch.set_num_threads(threads)
     device = torch.device("cpu")
@@ -47,10 +50,13 @@ def training_efficiency(threads: int, quick: bool) -> dict:
     for name, dt in dtypes.items():
         peak_runs[name].append(matmul_peak(device, dt, matmul_n, repeats=repeats))
     peaks = {name: max(runs) for name, runs in peak_runs.items()}
+    rooflines = {name: gemm_roofline(model.cfg, micro_batch, seq_len, dt, device, peaks[name],
+                                     round_s=0.005 if quick else 0.02) for name, dt in dtypes.items()}
     tokens = micro_batch * seq_len
     runs = {name: timers[name].summary(tokens, flops["total"], peaks[name], statistic="best") for name in dtypes}
-    for run in runs.values():
+    for name, run in runs.items():
         run["mfu_vs_fp32_peak"] = run["model_flops_per_s"] / peaks["fp32"]
+        run["of_gemm_roofline"] = rooflines[name]["gemm_s"] / run["step_s"]
     naive = timers["naive"].summary(tokens, flops["total"], peaks[used], statistic="best")
     out = {
         "preset": "tiny", "threads": threads, "micro_batch": micro_batch, "grad_accum": 1, "seq_len": seq_len,
@@ -59,7 +65,7 @@ def training_efficiency(threads: int, quick: bool) -> dict:
         "flops_formula": FLOPS_FORMULA, "flops_per_token": flops, "matmul_n": matmul_n,
         "cpu_native_bf16": runtime.cpu_has_native_bf16(), "training_precision": used,
         "matmul_peak_flops": peaks, "matmul_peak_runs": peak_runs,
-        "fp32_matmul_peak_flops": peaks["fp32"], **runs,
+        "fp32_matmul_peak_flops": peaks["fp32"], "gemm_roofline": rooflines, **runs,
         "real": runs[used], "naive": naive,
         "speedup_over_naive": naive["step_s"] / runs[used]["step_s"],
         "goals": {"mfu": GOALS["cpu_mfu"], "speedup_over_naive": GOALS["speedup_over_naive"]},
