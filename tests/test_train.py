@@ -297,3 +297,32 @@ def test_a_job_reads_its_settings_json_as_written_and_does_not_validate_it_again
     path.write_text(json.dumps({**settings, "train": {**settings["train"], "lr": 0.1}}))
     with pytest.raises(qconfig.ConfigError, match=r"settings\.json: settings field 'settings\.train\.lr': unknown key"):
         settings_from_args(argparse.Namespace(settings=str(path)))
+
+
+def test_compile_switch_trains_through_torch_compile_on_cpu_with_the_eager_losses(micro_data, tmp_path):
+    """``train.compile: true`` is obeyed on a CPU: the cell trains through torch.compile (inductor), says so in
+    its log and manifest, and reaches the losses and weights of the eager run up to fp32 rounding."""
+    import json
+
+    from qkrank.train import train_cell
+
+    runs = {}
+    for compiled in (False, True):
+        cfg = _micro({"compile": compiled, "bf16": False})
+        loaded = qconfig.load(cfg)
+        settings = qconfig.cell_settings(loaded, qconfig.cells(loaded)[0])
+        runs[compiled] = tmp_path / f"compile_{compiled}"
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        train_cell(settings, micro_data, runs[compiled])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled, f"compile: {compiled}, but dynamo captured {graphs} graphs"
+    manifests = {c: json.loads((run / "train.json").read_text()) for c, run in runs.items()}
+    assert manifests[True]["runtime"]["compile"] is True and manifests[False]["runtime"]["compile"] is False
+    losses = {c: np.genfromtxt(run / "metrics.csv", delimiter=",", names=True)["train_loss"] for c, run in runs.items()}
+    assert len(losses[True]) == len(losses[False]) == 9, "a row at 0 tokens, then one per step of the micro cell"
+    np.testing.assert_allclose(losses[True][1:], losses[False][1:], rtol=1e-4)
+    initial = checkpoint.safe_load(runs[False] / "snapshots" / "0.pt")["model"]
+    eager, compiled = (checkpoint.safe_load(runs[c] / "snapshots" / "2048.pt")["model"] for c in (False, True))
+    for name in eager:  # Muon orthogonalises in bf16: rounding differences stay small against training's change
+        assert (compiled[name] - eager[name]).norm() <= 0.02 * (eager[name] - initial[name]).norm(), name
