@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from qkrank import runtime
-from qkrank.bench import core, gpu, roofline, steps
+from qkrank.bench import cli, core, gpu, roofline, steps
 from qkrank.model import GPT, ModelConfig
 
 SMALL = {"vocab_size": 96, "n_layers": 2, "max_seq_len": 64}
@@ -179,8 +179,14 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_config():
                                 bf16=False, compile_model=False, peak_flops=1e11, overrides=SMALL)
     assert result["attempts"] == [{"micro_batch": 2, "grad_accum": 2, "fits": True}]
     assert result["tokens_per_step"] == 2 * 2 * 32 and len(result["step_s_all"]) == 2
-    for key in ("step_s_median", "tokens_per_s", "model_flops_per_s", "mfu"):
+    for key in ("step_s_median", "tokens_per_s", "model_flops_per_s", "mfu", "of_gemm_roofline"):
         assert _positive(result[key]), key
+    roof = result["gemm_roofline"]  # the GEMMs of the whole accumulated step, in the step's dtype
+    assert roof["dtype"] == "float32" and roof["model_flops"] == result["flops_per_token"]["total"] * 2 * 2 * 32
+    assert roof["mfu_ceiling"] == pytest.approx(roof["model_flops"] / roof["gemm_s"] / 1e11)
+    assert result["of_gemm_roofline"] == pytest.approx(roof["gemm_s"] / result["step_s"])
+    assert "GPU tiny: its own GEMMs timed alone" in cli.markdown_table({"gpu": {"device_name": "cpu", "runs": {
+        "tiny": {**result, "mfu_vs_measured_matmul": 0.5}}}})
 
 
 def test_gpu_path_halves_the_micro_batch_when_out_of_memory(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qkrank.bench.core import FLOPS_FORMULA, _synchronize, matmul_params, matmul_peak, model_flops_per_token
+from qkrank.bench.roofline import gemm_roofline
 from qkrank.bench.steps import StepTimer, random_batches
 from qkrank.model import GPT, ModelConfig
 
@@ -129,12 +130,17 @@ def gpu_training(preset: str, device: str | torch.device = "cuda", micro_batch: 
               f"trying {mb // 2} × {accum * 2}", file=sys.stderr, flush=True)
         mb, accum = mb // 2, accum * 2
     timer = result.pop("timer")
+    del timer.model, timer.optimizers, timer.batches  # the roofline's operands need the memory
+    _free_memory(device)
     flops = model_flops_per_token(cfg, result["matmul_params"], seq_len)
     summary = timer.summary(tokens_per_step, flops["total"], peak_flops)
+    roofline = gemm_roofline(cfg, mb, seq_len, torch.bfloat16 if bf16 else torch.float32, device, peak_flops,
+                             grad_accum=accum)
+    summary["of_gemm_roofline"] = roofline["gemm_s"] / summary["step_s"]
     return {"preset": preset, "device": str(device), "micro_batch": mb, "grad_accum": accum, "seq_len": seq_len,
             "tokens_per_step": tokens_per_step, "bf16": bf16, "attempts": attempts, "timed_steps": steps,
             "flops_formula": FLOPS_FORMULA, "flops_per_token": flops, "peak_flops": peak_flops,
-            **{k: v for k, v in result.items() if k != "seconds"}, **summary}
+            **{k: v for k, v in result.items() if k != "seconds"}, **summary, "gemm_roofline": roofline}
 
 
 def sdpa_gqa_check(device: torch.device, n_heads: int = 16, n_kv_heads: int = 8, seq_len: int = 2048,

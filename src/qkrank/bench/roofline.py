@@ -68,10 +68,11 @@ def step_gemms(cfg: ModelConfig, micro_batch: int, seq_len: int, grad_accum: int
 
 
 def _operands(g: Gemm, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    """Random operands made on ``device`` (``gen`` is a generator there): a GPU's head GEMMs are GBs."""
     a_shape = (g.batch, g.k, g.m) if g.a_transposed else (g.batch, g.m, g.k)
     b_shape = (g.batch, g.n, g.k) if g.b_transposed else (g.batch, g.k, g.n)
-    a = torch.randn(a_shape, generator=gen).to(device, dtype)
-    b = torch.randn(b_shape, generator=gen).to(device, dtype)
+    a = torch.empty(a_shape, device=device, dtype=dtype).normal_(generator=gen)
+    b = torch.empty(b_shape, device=device, dtype=dtype).normal_(generator=gen)
     a, b = (a.transpose(1, 2) if g.a_transposed else a), (b.transpose(1, 2) if g.b_transposed else b)
     if g.batch == 1:  # a 2-D product, as a Linear layer's is (mm, not bmm)
         a, b = a[0], b[0]
@@ -80,7 +81,7 @@ def _operands(g: Gemm, dtype: torch.dtype, device: torch.device, gen: torch.Gene
 
 def time_gemm(g: Gemm, dtype: torch.dtype, device: torch.device, round_s: float = 0.02, rounds: int = 3) -> float:
     """Best seconds of one product of ``g``'s shape: ``rounds`` rounds of as many products as fill ``round_s``."""
-    a, b = _operands(g, dtype, device, torch.Generator(device="cpu").manual_seed(0))
+    a, b = _operands(g, dtype, device, torch.Generator(device=device).manual_seed(0))
     out = torch.matmul(a, b)
     _synchronize(device)
     t0 = time.perf_counter()
@@ -98,9 +99,9 @@ def time_gemm(g: Gemm, dtype: torch.dtype, device: torch.device, round_s: float 
 
 
 def gemm_roofline(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-                  peak_flops: float, grad_accum: int = 1, round_s: float = 0.02) -> dict:
+                  peak_flops: float | None, grad_accum: int = 1, round_s: float = 0.02) -> dict:
     """Seconds of the step's GEMMs timed alone (each distinct shape once), the FLOP/s that makes, and the MFU
-    ceiling: that rate over ``peak_flops``. ``gemms`` lists each product with its share of the time."""
+    ceiling: that rate over ``peak_flops`` (None without a peak). ``gemms`` lists each product with its time."""
     gemms = step_gemms(cfg, micro_batch, seq_len, grad_accum)
     seconds: dict[tuple, float] = {}
     for g in gemms:
@@ -111,5 +112,5 @@ def gemm_roofline(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: torch
     rows = [{**asdict(g), "flops": g.flops, "seconds": seconds[g.shape] * g.count,
              "flops_per_s": g.flops / (seconds[g.shape] * g.count)} for g in gemms]
     return {"dtype": str(dtype).removeprefix("torch."), "gemm_s": gemm_s, "model_flops": flops,
-            "gemm_flops_per_s": flops / gemm_s, "mfu_ceiling": flops / gemm_s / peak_flops,
+            "gemm_flops_per_s": flops / gemm_s, "mfu_ceiling": flops / gemm_s / peak_flops if peak_flops else None,
             "distinct_shapes": len(seconds), "gemms": rows}
