@@ -37,6 +37,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_seconds(fn, device: torch.device, repeats: int, rounds: int = 3) -> float:
+    """Best seconds per call of ``fn`` over ``rounds`` rounds of ``repeats`` calls (on a shared machine the
+    fastest round is the least disturbed one)."""
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int, rounds: int = 3) -> float:
     """Best FLOP/s of an n×n by n×n product (2·n³ FLOPs) over ``rounds`` rounds of ``repeats`` products."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -45,11 +58,4 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int, 
     out = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=out)
     _synchronize(device)
-    best = math.inf
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            torch.matmul(a, b, out=out)
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b, out=out), device, repeats, rounds)

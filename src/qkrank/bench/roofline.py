@@ -9,13 +9,11 @@ their four gradients, without the causal half) sum to the time the step would ta
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from qkrank.bench.core import _synchronize
+from qkrank.bench.core import best_seconds
 from qkrank.model import ModelConfig
 
 
@@ -83,19 +81,12 @@ def time_gemm(g: Gemm, dtype: torch.dtype, device: torch.device, round_s: float 
     """Best seconds of one product of ``g``'s shape: ``rounds`` rounds of as many products as fill ``round_s``."""
     a, b = _operands(g, dtype, device, torch.Generator(device=device).manual_seed(0))
     out = torch.matmul(a, b)
-    _synchronize(device)
-    t0 = time.perf_counter()
-    torch.matmul(a, b, out=out)
-    _synchronize(device)
-    repeats = max(1, min(1000, int(round_s / max(time.perf_counter() - t0, 1e-7))))
-    best = math.inf
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            torch.matmul(a, b, out=out)
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return best
+
+    def product():
+        torch.matmul(a, b, out=out)
+
+    once = best_seconds(product, device, repeats=1, rounds=1)
+    return best_seconds(product, device, repeats=max(1, min(1000, int(round_s / max(once, 1e-7)))), rounds=rounds)
 
 
 def gemm_roofline(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
