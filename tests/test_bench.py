@@ -233,6 +233,16 @@ def test_gpu_peak_comes_from_the_device_name_or_the_override(monkeypatch):
     assert gpu.gpu_spec_peak("NVIDIA H100 PCIe") == (500e12, f"${gpu.PEAK_ENV}")
 
 
+def test_gpu_micro_batch_keeps_the_tokens_per_step_and_a_bad_one_is_refused_at_once(tmp_path):
+    assert gpu.gpu_shape("88m") == gpu.GPU_RUNS["88m"]
+    assert gpu.gpu_shape("88m", 64) == {"micro_batch": 64, "grad_accum": 1, "seq_len": 1024}
+    assert gpu.gpu_shape("1.5b", 2) == {"micro_batch": 2, "grad_accum": 16, "seq_len": 2048}
+    proc = subprocess.run([sys.executable, "-m", "qkrank.bench", "--gpu-micro-batch", "48", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env_with_src(), timeout=120)
+    assert proc.returncode == 2 and "--gpu-micro-batch 48: 88m's step of 65,536 tokens" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir()), "refused before measuring anything"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 def test_gpu_script_skips_without_cuda_and_says_so(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(tmp_path)], capture_output=True, text=True,
@@ -240,6 +250,7 @@ def test_gpu_script_skips_without_cuda_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "CUDA is not available" in proc.stderr
     assert "skipped" in json.loads((tmp_path / "gpu.json").read_text())
+    assert "skipped" in json.loads((tmp_path / "gpu_88m_mb64.json").read_text()), "88m at micro-batch 64 too"
 
 
 def test_without_native_bf16_the_cpu_benchmark_measures_fp32_only(monkeypatch):

@@ -18,7 +18,7 @@ import torch
 from qkrank.atomic import atomic_write_text
 from qkrank.bench.core import GOALS, REPO_ROOT
 from qkrank.bench.cpu import training_efficiency
-from qkrank.bench.gpu import GPU_RUNS, PEAK_ENV, gpu_benchmarks
+from qkrank.bench.gpu import GPU_RUNS, PEAK_ENV, gpu_benchmarks, gpu_shape
 from qkrank.bench.probe_cost import probe_cost
 from qkrank.bench.workflow import workflow_overhead
 
@@ -147,11 +147,19 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", action="append", choices=sorted(GPU_RUNS),
                         help="GPU preset(s) to measure (default: all)")
     parser.add_argument("--gpu-steps", type=int, default=10, help="timed optimizer steps per GPU preset")
+    parser.add_argument("--gpu-micro-batch", type=int, help="GPU micro-batch (default: each preset's own); "
+                        "accumulation changes so a step keeps its tokens")
     parser.add_argument("--gpu-peak-tflops", type=float, help=f"dense bf16 peak of the GPU (overrides the name "
                         f"table; also ${PEAK_ENV})")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    presets = args.preset or list(GPU_RUNS)
+    try:  # before the CPU part's minutes
+        for preset in presets:
+            gpu_shape(preset, args.gpu_micro_batch)
+    except ValueError as e:
+        parser.error(str(e))
     if "GLIBC_TUNABLES" not in os.environ:
         # Measure the step as the workflow's jobs run it (qkrank.launch: freed memory kept in the process); the
         # allocator reads its tunables only when a process starts.
@@ -163,12 +171,14 @@ def main(argv=None) -> None:
         os.environ[PEAK_ENV] = str(args.gpu_peak_tflops)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {} if args.gpu_only else run_cpu(args.out, args.quick, args.threads)
-    presets = args.preset or list(GPU_RUNS)
-    gpu = gpu_benchmarks(presets, steps=2 if args.quick else args.gpu_steps, warmup=2)
+    gpu = gpu_benchmarks(presets, steps=2 if args.quick else args.gpu_steps, warmup=2,
+                         micro_batch=args.gpu_micro_batch)
     results["gpu"] = gpu
     if "skipped" in gpu:
         print(f"qkrank.bench: {gpu['skipped']}", file=sys.stderr)
     name = "gpu" if not args.preset else "gpu_" + "_".join(presets)
+    if args.gpu_micro_batch:
+        name += f"_mb{args.gpu_micro_batch}"
     _write_json(args.out, name, {"machine": machine_info(args.threads), **gpu})
     table = markdown_table(results)
     atomic_write_text(args.out / ("bench.md" if not args.gpu_only else f"{name}.md"), table)

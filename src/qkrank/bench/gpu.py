@@ -30,6 +30,19 @@ GPU_RUNS = {
 }
 
 
+def gpu_shape(preset: str, micro_batch: int | None = None) -> dict:
+    """The run shape of ``preset`` (GPU_RUNS); a ``micro_batch`` replaces its micro-batch, and accumulation
+    changes so that an optimizer step keeps its tokens."""
+    shape = dict(GPU_RUNS[preset])
+    if micro_batch is None:
+        return shape
+    tokens = shape["micro_batch"] * shape["grad_accum"] * shape["seq_len"]
+    if micro_batch < 1 or tokens % (micro_batch * shape["seq_len"]):
+        raise ValueError(f"--gpu-micro-batch {micro_batch}: {preset}'s step of {tokens:,} tokens at sequence "
+                         f"length {shape['seq_len']} needs a micro-batch dividing {tokens // shape['seq_len']}")
+    return {**shape, "micro_batch": micro_batch, "grad_accum": tokens // (micro_batch * shape["seq_len"])}
+
+
 def gpu_spec_peak(device_name: str) -> tuple[float | None, str]:
     """Dense bf16 peak FLOP/s of a GPU and where it came from: $QKRANK_GPU_PEAK_TFLOPS, else the name table."""
     override = os.environ.get(PEAK_ENV)
@@ -184,8 +197,10 @@ def sdpa_gqa_check(device: torch.device, n_heads: int = 16, n_kv_heads: int = 8,
     return out
 
 
-def gpu_benchmarks(presets, steps: int, warmup: int) -> dict:
-    """The GPU part: bf16 matmul peak measured now, then each preset with bf16 autocast and torch.compile."""
+def gpu_benchmarks(presets, steps: int, warmup: int, micro_batch: int | None = None) -> dict:
+    """The GPU part: bf16 matmul peak measured now, then each preset with bf16 autocast and torch.compile
+    (at ``micro_batch`` when given: gpu_shape)."""
+    shapes = {preset: gpu_shape(preset, micro_batch) for preset in presets}
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is not available: GPU benchmarks skipped (nothing measured, nothing estimated)"}
     device = torch.device("cuda")
@@ -197,8 +212,7 @@ def gpu_benchmarks(presets, steps: int, warmup: int) -> dict:
            "total_memory_gb": torch.cuda.get_device_properties(device).total_memory / 1e9,
            "sdpa_gqa": sdpa_gqa_check(device), "runs": {}}
     for preset in presets:
-        shape = GPU_RUNS[preset]
-        run = gpu_training(preset, device, steps=steps, warmup=warmup, peak_flops=spec_peak, **shape)
+        run = gpu_training(preset, device, steps=steps, warmup=warmup, peak_flops=spec_peak, **shapes[preset])
         if "model_flops_per_s" in run:
             run["mfu_vs_measured_matmul"] = run["model_flops_per_s"] / measured_peak
         out["runs"][preset] = run
