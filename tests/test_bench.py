@@ -189,6 +189,20 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_config():
         "tiny": {**result, "mfu_vs_measured_matmul": 0.5}}}})
 
 
+def test_a_gpu_roofline_out_of_memory_keeps_the_step_figures(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.6 GiB")
+
+    monkeypatch.setattr(gpu, "gemm_roofline", no_memory)
+    result = gpu.gpu_training("tiny", device="cpu", micro_batch=2, grad_accum=1, seq_len=16, steps=1, warmup=1,
+                              bf16=False, compile_model=False, peak_flops=1e11, overrides=SMALL)
+    assert _positive(result["tokens_per_s"]) and "of_gemm_roofline" not in result
+    assert result["gemm_roofline"]["skipped"].startswith("out of memory: CUDA out of memory")
+    table = cli.markdown_table({"gpu": {"device_name": "cpu", "runs": {"tiny": {**result,
+                                                                                 "mfu_vs_measured_matmul": 0.5}}}})
+    assert "| out of memory: CUDA out of memory" in table
+
+
 def test_gpu_path_halves_the_micro_batch_when_out_of_memory(monkeypatch):
     measure = gpu._measure_attempt
 

@@ -147,9 +147,13 @@ def gpu_training(preset: str, device: str | torch.device = "cuda", micro_batch: 
     _free_memory(device)
     flops = model_flops_per_token(cfg, result["matmul_params"], seq_len)
     summary = timer.summary(tokens_per_step, flops["total"], peak_flops)
-    roofline = gemm_roofline(cfg, mb, seq_len, torch.bfloat16 if bf16 else torch.float32, device, peak_flops,
-                             grad_accum=accum)
-    summary["of_gemm_roofline"] = roofline["gemm_s"] / summary["step_s"]
+    try:
+        roofline = gemm_roofline(cfg, mb, seq_len, torch.bfloat16 if bf16 else torch.float32, device, peak_flops,
+                                 grad_accum=accum)
+        summary["of_gemm_roofline"] = roofline["gemm_s"] / summary["step_s"]
+    except torch.OutOfMemoryError as e:  # the roofline is an aside: the step's figures stand without it
+        roofline = {"skipped": f"out of memory: {str(e)[:200]}"}
+        _free_memory(device)
     return {"preset": preset, "device": str(device), "micro_batch": mb, "grad_accum": accum, "seq_len": seq_len,
             "tokens_per_step": tokens_per_step, "bf16": bf16, "attempts": attempts, "timed_steps": steps,
             "flops_formula": FLOPS_FORMULA, "flops_per_token": flops, "peak_flops": peak_flops,

@@ -3,8 +3,8 @@
 MFU against the square-matrix peak says how far a step is from the hardware's best case; it does not say
 whether that best case is reachable at the step's shapes. Timed one by one, in the step's dtype, the GEMMs
 that make up the FLOPs formula (every Linear forward, input gradient and weight gradient; QKᵀ and A·V and
-their four gradients, without the causal half) sum to the time the step would take if everything else
-(softmax, norms, casts, the optimizer) were free: ``mfu_ceiling`` is the MFU of that step.
+their four gradients over the whole T×T square, as the formula counts them) sum to the time the step would
+take if everything else (softmax, norms, casts, the optimizer) were free: ``mfu_ceiling`` is its MFU.
 """
 
 from __future__ import annotations
