@@ -48,20 +48,20 @@ def _linear(name: str, tokens: int, d_in: int, d_out: int, count: int) -> list[G
 
 def step_gemms(cfg: ModelConfig, micro_batch: int, seq_len: int, grad_accum: int = 1) -> list[Gemm]:
     """The model-FLOP GEMMs of one optimizer step; their FLOPs are model_flops_per_token's total × tokens."""
-    tokens, layers = micro_batch * seq_len, cfg.n_layers * grad_accum
+    tokens, layer_passes = micro_batch * seq_len, cfg.n_layers * grad_accum
     d, kv, ff, hd = cfg.d_model, cfg.kv_dim, cfg.d_ff, cfg.head_dim
-    gemms = [*_linear("q_proj", tokens, d, d, layers), *_linear("k_proj", tokens, d, kv, layers),
-             *_linear("v_proj", tokens, d, kv, layers), *_linear("o_proj", tokens, d, d, layers),
-             *_linear("mlp.up", tokens, d, ff, layers), *_linear("mlp.down", tokens, ff, d, layers),
+    gemms = [*_linear("q_proj", tokens, d, d, layer_passes), *_linear("k_proj", tokens, d, kv, layer_passes),
+             *_linear("v_proj", tokens, d, kv, layer_passes), *_linear("o_proj", tokens, d, d, layer_passes),
+             *_linear("mlp.up", tokens, d, ff, layer_passes), *_linear("mlp.down", tokens, ff, d, layer_passes),
              *_linear("lm_head", tokens, d, cfg.vocab_size, grad_accum)]
     heads = micro_batch * cfg.n_heads  # every query head; a shared K/V head's gradient sums its group's
     T = seq_len
-    gemms += [Gemm("attention QKᵀ forward", heads, T, hd, T, layers, b_transposed=True),
-              Gemm("attention A·V forward", heads, T, T, hd, layers),
-              Gemm("attention dA = dO·Vᵀ", heads, T, hd, T, layers, b_transposed=True),
-              Gemm("attention dV = Aᵀ·dO", heads, T, T, hd, layers, a_transposed=True),
-              Gemm("attention dQ = dS·K", heads, T, T, hd, layers),
-              Gemm("attention dKᵀ = Qᵀ·dS", heads, hd, T, T, layers, a_transposed=True)]
+    gemms += [Gemm("attention QKᵀ forward", heads, T, hd, T, layer_passes, b_transposed=True),
+              Gemm("attention A·V forward", heads, T, T, hd, layer_passes),
+              Gemm("attention dA = dO·Vᵀ", heads, T, hd, T, layer_passes, b_transposed=True),
+              Gemm("attention dV = Aᵀ·dO", heads, T, T, hd, layer_passes, a_transposed=True),
+              Gemm("attention dQ = dS·K", heads, T, T, hd, layer_passes),
+              Gemm("attention dKᵀ = Qᵀ·dS", heads, hd, T, T, layer_passes, a_transposed=True)]
     return gemms
 
 
